@@ -1,0 +1,255 @@
+//! Storage contract: the same tests, unchanged, against SQLite and Postgres.
+
+use std::time::Duration;
+
+use caracal_shared::ErrorCode;
+use caracal_shared::store::outbox::NewEvent;
+use caracal_shared::store::{Cursor, Store};
+use caracal_shared::testing::TestDb;
+use serde_json::json;
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let db = caracal_shared::testing::TestDb::new(caracal_shared::testing::Backend::Sqlite).await.unwrap();
+                super::$name(&db).await;
+                db.cleanup().await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let Some(db) = caracal_shared::testing::TestDb::new(caracal_shared::testing::Backend::Postgres).await else { return };
+                super::$name(&db).await;
+                db.cleanup().await;
+            })*
+        }
+    };
+}
+
+contract!(
+    migrations_are_recorded_and_idempotent,
+    tenant_crud_and_optimistic_concurrency,
+    tenant_pagination_is_stable_and_complete,
+    outbox_is_atomic_with_the_state_change,
+    sequenced_streams_number_events_densely,
+    concurrent_sequenced_writers_agree_on_order,
+    consumed_marks_are_idempotent,
+    retention_prunes_only_published_rows,
+    store_is_reopenable,
+);
+
+async fn migrations_are_recorded_and_idempotent(db: &TestDb) {
+    let s = &db.store;
+    let applied = s.applied_migrations().await.unwrap();
+    assert_eq!(applied, (1..=applied.len() as i64).collect::<Vec<_>>());
+    assert!(
+        s.migrate().await.unwrap().is_empty(),
+        "a second migrate applies nothing"
+    );
+}
+
+async fn tenant_crud_and_optimistic_concurrency(db: &TestDb) {
+    let s = &db.store;
+    let mut tx = s.begin().await.unwrap();
+    let t = tx.insert_tenant("acme", "Acme Corp").await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(s.tenant(t.id).await.unwrap(), t);
+    assert_eq!(s.tenant_by_name("acme").await.unwrap().id, t.id);
+
+    let mut tx = s.begin().await.unwrap();
+    let e = tx.insert_tenant("acme", "again").await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::Conflict);
+    drop(tx);
+
+    let mut tx = s.begin().await.unwrap();
+    assert_eq!(
+        tx.insert_tenant("Bad Name", "x").await.unwrap_err().code,
+        ErrorCode::ValidationFailed
+    );
+    drop(tx);
+
+    let mut tx = s.begin().await.unwrap();
+    let e = tx.update_tenant(t.id, Some(7), "nope").await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::PreconditionFailed);
+    let u = tx.update_tenant(t.id, Some(1), "Acme Inc").await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(u.version, 2);
+    assert_eq!(s.tenant(t.id).await.unwrap().display_name, "Acme Inc");
+
+    let mut tx = s.begin().await.unwrap();
+    tx.delete_tenant(t.id).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(s.tenant(t.id).await.unwrap_err().code, ErrorCode::NotFound);
+    let mut tx = s.begin().await.unwrap();
+    assert_eq!(tx.delete_tenant(t.id).await.unwrap_err().code, ErrorCode::NotFound);
+}
+
+async fn tenant_pagination_is_stable_and_complete(db: &TestDb) {
+    let s = &db.store;
+    let mut want = Vec::new();
+    for i in 0..7 {
+        let mut tx = s.begin().await.unwrap();
+        want.push(tx.insert_tenant(&format!("t{i}"), "x").await.unwrap().id);
+        tx.commit().await.unwrap();
+    }
+    let mut got = Vec::new();
+    let mut cursor = Cursor::first(3);
+    let mut pages = 0;
+    loop {
+        let page = s.list_tenants(&cursor).await.unwrap();
+        pages += 1;
+        got.extend(page.items.iter().map(|t| t.id));
+        match page.next_cursor {
+            Some(c) => cursor = Cursor::parse(Some(&c), Some("3")).unwrap(),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(
+        got, want,
+        "pages follow creation order with nothing missing or repeated"
+    );
+    assert!(Cursor::parse(Some("!!"), None).is_err());
+    assert!(Cursor::parse(None, Some("0")).is_err());
+    assert!(Cursor::parse(None, Some("201")).is_err());
+}
+
+async fn outbox_is_atomic_with_the_state_change(db: &TestDb) {
+    let s = &db.store;
+    let mut tx = s.begin().await.unwrap();
+    tx.insert_tenant("rolled-back", "x").await.unwrap();
+    tx.emit(NewEvent::new(
+        "s",
+        "tenant.created",
+        None,
+        json!({"name": "rolled-back"}),
+    ))
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        s.tenant_by_name("rolled-back").await.unwrap_err().code,
+        ErrorCode::NotFound
+    );
+    assert_eq!(s.outbox_unpublished_count().await.unwrap(), 0);
+
+    let mut tx = s.begin().await.unwrap();
+    let t = tx.insert_tenant("kept", "x").await.unwrap();
+    let id = tx
+        .emit(NewEvent::new(
+            "s",
+            "tenant.created",
+            Some(t.id),
+            json!({"name": "kept"}),
+        ))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let rows = s.outbox_pending(10).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].event_id, id);
+    assert_eq!(rows[0].tenant, Some(t.id));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&rows[0].body).unwrap(),
+        json!({"name": "kept"})
+    );
+}
+
+async fn sequenced_streams_number_events_densely(db: &TestDb) {
+    let s = &db.store;
+    let mut tx = s.begin().await.unwrap();
+    for _ in 0..3 {
+        tx.emit(NewEvent::new("rev", "k", None, json!({})).sequenced())
+            .await
+            .unwrap();
+    }
+    tx.emit(NewEvent::new("other", "k", None, json!({})).sequenced())
+        .await
+        .unwrap();
+    tx.emit(NewEvent::new("plain", "k", None, json!({}))).await.unwrap();
+    tx.commit().await.unwrap();
+    let rows = s.outbox_pending(10).await.unwrap();
+    let seqs: Vec<(String, Option<i64>)> = rows.iter().map(|r| (r.stream.clone(), r.seq)).collect();
+    assert_eq!(
+        seqs,
+        vec![
+            ("rev".into(), Some(1)),
+            ("rev".into(), Some(2)),
+            ("rev".into(), Some(3)),
+            ("other".into(), Some(1)),
+            ("plain".into(), None)
+        ]
+    );
+    assert_eq!(s.stream_last_seq("rev").await.unwrap(), 3);
+    assert_eq!(s.stream_last_seq("nothing").await.unwrap(), 0);
+}
+
+async fn concurrent_sequenced_writers_agree_on_order(db: &TestDb) {
+    let s = db.store.clone();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tx = s.begin().await.unwrap();
+            tx.emit(NewEvent::new("rev", "k", None, json!({ "i": i })).sequenced())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            tx.commit().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let rows = s.outbox_pending(100).await.unwrap();
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq.unwrap()).collect();
+    assert_eq!(seqs, (1..=16).collect::<Vec<_>>(), "outbox order equals sequence order");
+}
+
+async fn consumed_marks_are_idempotent(db: &TestDb) {
+    let s = &db.store;
+    let mut tx = s.begin().await.unwrap();
+    assert!(tx.mark_consumed("c1", "evt_1").await.unwrap());
+    assert!(!tx.mark_consumed("c1", "evt_1").await.unwrap());
+    assert!(tx.mark_consumed("c2", "evt_1").await.unwrap());
+    tx.commit().await.unwrap();
+    assert!(s.is_consumed("c1", "evt_1").await.unwrap());
+    // A rolled-back mark does not count.
+    let mut tx = s.begin().await.unwrap();
+    assert!(tx.mark_consumed("c1", "evt_2").await.unwrap());
+    tx.rollback().await.unwrap();
+    assert!(!s.is_consumed("c1", "evt_2").await.unwrap());
+}
+
+async fn retention_prunes_only_published_rows(db: &TestDb) {
+    let s = &db.store;
+    let mut tx = s.begin().await.unwrap();
+    for _ in 0..4 {
+        tx.emit(NewEvent::new("s", "k", None, json!({}))).await.unwrap();
+    }
+    tx.mark_consumed("c", "old").await.unwrap();
+    tx.commit().await.unwrap();
+    let rows = s.outbox_pending(10).await.unwrap();
+    s.outbox_mark_published(&[rows[0].id, rows[1].id]).await.unwrap();
+    let future = caracal_shared::time::now_micros() + 1_000_000;
+    let (outbox, consumed) = s.prune_outbox(future, future).await.unwrap();
+    assert_eq!((outbox, consumed), (2, 1));
+    assert_eq!(
+        s.outbox_unpublished_count().await.unwrap(),
+        2,
+        "unpublished rows are never pruned"
+    );
+}
+
+async fn store_is_reopenable(db: &TestDb) {
+    // A second handle on the same database sees the same data (a restart).
+    let mut tx = db.store.begin().await.unwrap();
+    tx.insert_tenant("persisted", "x").await.unwrap();
+    tx.commit().await.unwrap();
+    let again = Store::open(&caracal_shared::testing::db_config(&db.url)).await.unwrap();
+    assert_eq!(again.tenant_by_name("persisted").await.unwrap().name, "persisted");
+    again.close().await;
+}
