@@ -1,0 +1,281 @@
+//! The decision for one request, whatever way it came in (forward proxy, sidecar, CONNECT):
+//!
+//! 1. the revocation feed is fresh (else 503 `revocation_feed_stale`);
+//! 2. the credential is a mandate (verified once, cached) or an API key (exchanged once per
+//!    mandate lifetime), not expired, not revoked;
+//! 3. the target host selects one of the mandate's resources (and the port and scheme are the
+//!    resource's);
+//! 4. the path is decoded and normalised (what is authorized is what is forwarded);
+//! 5. the mandate's rules allow exactly this request — and so does the *current* active version
+//!    of the policy it was minted under (a tightened policy applies at once), and the
+//!    resource's own model / operation allowlists;
+//! 6. the agent is within its rate limit;
+//! 7. the destination resolves to addresses the egress guard accepts (connect to those only);
+//! 8. the decision is queued as an audit event — if it cannot be, the request is refused.
+
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use base64::Engine as _;
+use caracal_shared::error::{Error, ErrorCode, Result};
+use caracal_shared::mandate::{self, Request};
+use caracal_shared::policy::{ANY, Facts, decide};
+use caracal_shared::time::now_secs;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::state::{Cached, Gateway, ResourceEntry};
+
+/// Where a request is going, as the client asked.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub method: String,
+    /// Lowercase host, without brackets or port.
+    pub host: String,
+    pub port: u16,
+    pub https: bool,
+    /// The raw path (not decoded), without the query.
+    pub path: String,
+    pub query: Option<String>,
+}
+
+/// What the request path needs after an allow.
+pub struct Decision {
+    pub mandate: Arc<Cached>,
+    pub resource: Arc<ResourceEntry>,
+    /// Decoded, normalised path that was authorized.
+    pub path: String,
+    pub rule: String,
+    pub addr: SocketAddr,
+    /// Host name to send (Host header, SNI).
+    pub upstream_host: String,
+}
+
+/// What a decision had established when it ended (allow: everything; deny: what was known
+/// before the refusal), for its audit event.
+#[derive(Default, Clone, Copy)]
+pub struct Established<'a> {
+    pub mandate: Option<&'a Cached>,
+    pub resource: Option<&'a ResourceEntry>,
+    pub target: Option<&'a Target>,
+    pub path: Option<&'a str>,
+    pub rule: Option<&'a str>,
+}
+
+/// Context for the audit event.
+pub struct AuditInfo<'a> {
+    pub request_id: &'a str,
+    pub source: Option<IpAddr>,
+    pub kind: &'static str,
+    pub mode: &'static str,
+}
+
+/// Pull the secret out of `Proxy-Authorization` / `Authorization`: `Basic user:secret` (the
+/// secret is the password) or `Bearer secret`.
+pub fn credential(header: &str) -> Option<String> {
+    let (scheme, rest) = header.trim().split_once(' ')?;
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return (!rest.is_empty()).then(|| rest.to_string());
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let raw = base64::engine::general_purpose::STANDARD.decode(rest).ok()?;
+        let s = String::from_utf8(raw).ok()?;
+        let (_, pass) = s.split_once(':')?;
+        return (!pass.is_empty()).then(|| pass.to_string());
+    }
+    None
+}
+
+#[derive(Deserialize)]
+struct BodyProbe<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    method: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    params: Option<ParamsProbe<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ParamsProbe<'a> {
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+}
+
+/// The JSON `model` field, and the MCP tool of a `tools/call`, of a request body.
+pub fn body_facts(body: &[u8]) -> (String, String) {
+    match serde_json::from_slice::<BodyProbe<'_>>(body) {
+        Ok(p) => {
+            let tool = match (p.method.as_deref(), p.params.and_then(|x| x.name)) {
+                (Some("tools/call"), Some(n)) => n.into_owned(),
+                _ => String::new(),
+            };
+            (p.model.map(|m| m.into_owned()).unwrap_or_default(), tool)
+        }
+        Err(_) => (String::new(), String::new()),
+    }
+}
+
+impl Gateway {
+    /// Steps 1-2: who, with which mandate.
+    pub async fn authenticate(&self, secret: Option<&str>) -> Result<Arc<Cached>> {
+        if self.revocations.is_stale() {
+            return Err(Error::new(
+                ErrorCode::RevocationFeedStale,
+                "the revocation feed is stale; refusing everything until it recovers",
+            )
+            .with_retry_after(1));
+        }
+        let secret = secret.ok_or_else(|| Error::new(ErrorCode::MandateMissing, "a mandate or API key is required"))?;
+        let c = if mandate::is_mandate(secret) {
+            self.verify_mandate(secret).await?
+        } else if secret.starts_with(caracal_shared::store::agents::API_KEY_PREFIX) {
+            self.mandate_for_api_key(secret).await?
+        } else {
+            return Err(Error::new(
+                ErrorCode::MandateInvalid,
+                "the credential is neither a mandate nor an API key",
+            ));
+        };
+        if c.m.claims.expires_at <= now_secs() {
+            self.mandates.invalidate(secret);
+            return Err(Error::new(ErrorCode::MandateExpired, "the mandate has expired"));
+        }
+        if c.is_revoked(&self.revocations) {
+            return Err(Error::new(ErrorCode::MandateRevoked, "the mandate has been revoked"));
+        }
+        Ok(c)
+    }
+
+    /// Step 3-4: which resource, which normalised path.
+    pub fn select(
+        &self,
+        c: &Cached,
+        t: &Target,
+        bound: Option<caracal_shared::ids::ResourceId>,
+    ) -> Result<(Arc<ResourceEntry>, String)> {
+        let snap = self.snapshot();
+        let mut found = None;
+        for rc in &c.m.claims.resources {
+            if bound.is_some_and(|b| b != rc.id) {
+                continue;
+            }
+            let Some(r) = snap.resources.get(&rc.id) else { continue };
+            if r.res.host_allowed(&t.host) && r.base_port == t.port && r.https == t.https {
+                found = Some(r.clone());
+                break;
+            }
+        }
+        let r = found.ok_or_else(|| {
+            Error::new(
+                ErrorCode::PolicyDenied,
+                format!("the mandate covers no resource at {}:{}", t.host, t.port),
+            )
+            .with_details(json!({ "reason": "no_resource" }))
+        })?;
+        let path = caracal_shared::reqpath::normalize(&t.path).map_err(Error::from)?;
+        Ok((r, path))
+    }
+
+    /// Whether deciding needs the request body (a rule or allowlist looks at model or tool).
+    pub fn needs_body(&self, c: &Cached, r: &ResourceEntry, method: &str) -> bool {
+        if matches!(method, "GET" | "HEAD" | "DELETE" | "OPTIONS" | "CONNECT") {
+            return false;
+        }
+        let rule_needs = |m: &caracal_shared::policy::MatchRule| m.model.source() != ANY || m.tool.source() != ANY;
+        if !r.models.is_empty() || c.m.rules_for(r.res.id).any(rule_needs) {
+            return true;
+        }
+        let snap = self.snapshot();
+        c.m.resource(r.res.id)
+            .and_then(|rc| snap.active.get(&(c.m.claims.tenant, rc.policy)))
+            .is_some_and(|(_, p)| p.rules.iter().any(|x| rule_needs(&x.matcher)))
+    }
+
+    /// Step 5-6: is exactly this request allowed? Returns the deciding rule.
+    pub fn authorize(&self, c: &Cached, r: &ResourceEntry, facts: &Facts<'_>) -> Result<String> {
+        let now = now_secs();
+        let d =
+            c.m.authorize(
+                &Request {
+                    resource: r.res.id,
+                    facts: *facts,
+                },
+                now,
+            )
+            .map_err(Error::from)?;
+        if !d.allow {
+            return Err(
+                Error::new(ErrorCode::PolicyDenied, "the mandate does not allow this request")
+                    .with_details(json!({ "reason": "mandate", "rule": d.rule })),
+            );
+        }
+        // The current policy version must agree (tightening applies to live mandates).
+        if let Some(rc) = c.m.resource(r.res.id) {
+            let snap = self.snapshot();
+            match snap.active.get(&(c.m.claims.tenant, rc.policy)) {
+                Some((v, p)) if *v != rc.policy_version => {
+                    let scopes = (!rc.scopes.is_empty()).then_some(rc.scopes.as_slice());
+                    let rules: Vec<&caracal_shared::policy::MatchRule> =
+                        p.applicable(&r.res.name, scopes).map(|x| &x.matcher).collect();
+                    let now_d = decide(rules.iter().copied(), facts);
+                    if !now_d.allow {
+                        return Err(Error::new(
+                            ErrorCode::PolicyDenied,
+                            "the current policy no longer allows this request",
+                        )
+                        .with_details(json!({ "reason": "policy", "rule": now_d.rule, "policy_version": v })));
+                    }
+                }
+                None => {
+                    return Err(
+                        Error::new(ErrorCode::PolicyDenied, "the mandate's policy has no active version")
+                            .with_details(json!({ "reason": "policy_inactive" })),
+                    );
+                }
+                _ => {}
+            }
+        }
+        if !r.admits(facts.method, facts.path, facts.model) {
+            return Err(Error::new(
+                ErrorCode::PolicyDenied,
+                "the resource does not allow this model or operation",
+            )
+            .with_details(json!({ "reason": "resource_allowlist" })));
+        }
+        if let Err(retry) = self.limiter.check(&c.m.claims.agent, 1.0) {
+            return Err(
+                Error::new(ErrorCode::RateLimited, "the agent's request rate is over its limit")
+                    .with_retry_after(retry),
+            );
+        }
+        Ok(d.rule.unwrap_or_default())
+    }
+
+    /// Step 8: one audit event per decision. Failure means the caller must refuse.
+    pub fn audit_decision(&self, allow: bool, reason: &str, e: &Established<'_>, info: &AuditInfo<'_>) -> Result<()> {
+        let (c, r, t, path, rule) = (e.mandate, e.resource, e.target, e.path, e.rule);
+        let claims = c.map(|c| &c.m.claims);
+        let body = json!({
+            "type": "decision",
+            "decision": if allow { "allow" } else { "deny" },
+            "reason": reason,
+            "kind": info.kind,
+            "mode": info.mode,
+            "agent": claims.map(|c| c.agent),
+            "mandate_id": claims.map(|c| c.mandate_id),
+            "session": claims.and_then(|c| c.session),
+            "resource": r.map(|r| r.res.id),
+            "method": t.map(|t| t.method.as_str()),
+            "host": t.map(|t| t.host.as_str()),
+            "path": path.or(t.map(|t| t.path.as_str())),
+            "rule": rule,
+            "source": info.source.map(|s| s.to_string()),
+            "request_id": info.request_id,
+            "gateway": self.rt.config.gateway.id,
+        });
+        self.audit.emit("decision", claims.map(|c| c.tenant), &body)
+    }
+}

@@ -1,0 +1,687 @@
+//! The Pingora `ProxyHttp` implementation: the per-request path of the forward proxy
+//! (`HTTP_PROXY`, absolute-form) and of sidecar listeners (origin-form, bound to one resource).
+//!
+//! `request_filter` decides (see `decide`); nothing is connected before an allow. The upstream
+//! is the egress-checked address; the forwarded path is the one that was authorized; the
+//! caller's authority headers are stripped and the resource's credential is injected.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use caracal_shared::error::{Error, ErrorCode};
+use caracal_shared::policy::Facts;
+use http::header::{self, HeaderName, HeaderValue};
+use http_body_util::{BodyExt, Full};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+
+use crate::decide::{AuditInfo, Decision, Established, Target, body_facts, credential};
+use crate::forward::Forwarder;
+use crate::state::{Gateway, Injection};
+
+/// Largest body Pingora can replay to the upstream after the gateway read it.
+const REPLAY_LIMIT: usize = 64 * 1024;
+
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// `HTTP_PROXY`: absolute-form targets (or origin-form with `Host`), `Proxy-Authorization`.
+    Forward,
+    /// Bound to one resource: origin-form, `Authorization: Bearer` or `X-Caracal-Mandate`.
+    Sidecar { tenant: String, resource: String },
+}
+
+pub struct Proxy {
+    pub gw: Arc<Gateway>,
+    pub mode: Mode,
+    pub fwd: Arc<Forwarder>,
+}
+
+pub struct Ctx {
+    started: Instant,
+    request_id: String,
+    decision: Option<Decision>,
+    /// Body read to decide (replayed or forwarded as a whole).
+    body: Option<Bytes>,
+    /// Path and query to send upstream.
+    forward_target: String,
+}
+
+/// Write a Caracal JSON error. Authentication failures on the forward proxy answer 407 with
+/// `Proxy-Authenticate` (proxy semantics); on a sidecar, 401 with `WWW-Authenticate`.
+pub async fn respond_error(
+    session: &mut Session,
+    err: &Error,
+    proxy_auth: bool,
+    request_id: &str,
+) -> pingora::Result<()> {
+    let auth_failure = matches!(
+        err.code,
+        ErrorCode::MandateMissing
+            | ErrorCode::MandateInvalid
+            | ErrorCode::MandateExpired
+            | ErrorCode::ProxyAuthRequired
+            | ErrorCode::Unauthenticated
+    );
+    let status = match (auth_failure, proxy_auth) {
+        (true, true) => 407,
+        (true, false) => 401,
+        _ => err.status().as_u16(),
+    };
+    let body = Bytes::from(err.to_json(Some(request_id)).to_string());
+    let mut resp = ResponseHeader::build(status, Some(6))?;
+    resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    if auth_failure {
+        if proxy_auth {
+            resp.insert_header(header::PROXY_AUTHENTICATE, "Basic realm=\"caracal\"")?;
+        } else {
+            resp.insert_header(header::WWW_AUTHENTICATE, "Bearer realm=\"caracal\"")?;
+        }
+    }
+    if let Some(s) = err.retry_after_secs {
+        resp.insert_header(header::RETRY_AFTER, s.to_string())?;
+    }
+    resp.insert_header("x-request-id", request_id)?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+fn request_id(req: &RequestHeader) -> String {
+    match req.headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        Some(v)
+            if !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') =>
+        {
+            v.to_string()
+        }
+        _ => uuid::Uuid::new_v4().simple().to_string(),
+    }
+}
+
+fn split_host_port(authority: &str, default_port: u16) -> Result<(String, u16), Error> {
+    let bad = || Error::bad_request("invalid target authority");
+    if authority.contains('@') {
+        return Err(Error::bad_request("credentials in the target URL are refused"));
+    }
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or_else(bad)?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| bad())?,
+            None if after.is_empty() => default_port,
+            None => return Err(bad()),
+        };
+        (h.to_string(), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.parse().map_err(|_| bad())?),
+            None => (authority.to_string(), default_port),
+        }
+    };
+    if host.is_empty() || host.len() > 253 {
+        return Err(bad());
+    }
+    Ok((host.to_ascii_lowercase(), port))
+}
+
+/// Header edits applied to the upstream request, whichever way it is sent.
+enum Edit {
+    Remove(HeaderName),
+    Set(HeaderName, HeaderValue),
+}
+
+impl Proxy {
+    fn proxy_auth(&self) -> bool {
+        matches!(self.mode, Mode::Forward)
+    }
+
+    fn secret(&self, req: &RequestHeader) -> Option<String> {
+        let get = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
+        match self.mode {
+            Mode::Forward => get("proxy-authorization").and_then(credential),
+            Mode::Sidecar { .. } => get("x-caracal-mandate")
+                .map(|s| s.trim().to_string())
+                .or_else(|| get("authorization").and_then(credential)),
+        }
+    }
+
+    fn target(&self, req: &RequestHeader) -> Result<(Target, Option<caracal_shared::ids::ResourceId>), Error> {
+        let raw =
+            std::str::from_utf8(req.raw_path()).map_err(|_| Error::bad_request("the request target is not UTF-8"))?;
+        let method = req.method.as_str().to_ascii_uppercase();
+        let split = |pq: &str| -> (String, Option<String>) {
+            match pq.split_once('?') {
+                Some((p, q)) => (
+                    if p.is_empty() { "/".into() } else { p.to_string() },
+                    Some(q.to_string()),
+                ),
+                None => (if pq.is_empty() { "/".into() } else { pq.to_string() }, None),
+            }
+        };
+        match &self.mode {
+            Mode::Sidecar { tenant, resource } => {
+                let snap = self.gw.snapshot();
+                let id = snap
+                    .tenants
+                    .get(tenant)
+                    .and_then(|t| snap.by_name.get(&(*t, resource.clone())))
+                    .copied()
+                    .ok_or_else(|| Error::new(ErrorCode::Unavailable, "the sidecar's resource does not exist"))?;
+                let r = snap
+                    .resources
+                    .get(&id)
+                    .ok_or_else(|| Error::new(ErrorCode::Unavailable, "the sidecar's resource is unavailable"))?;
+                if !raw.starts_with('/') {
+                    return Err(Error::bad_request("a sidecar takes origin-form requests"));
+                }
+                let (path, query) = split(raw);
+                Ok((
+                    Target {
+                        method,
+                        host: r.base_host.clone(),
+                        port: r.base_port,
+                        https: r.https,
+                        path,
+                        query,
+                    },
+                    Some(id),
+                ))
+            }
+            Mode::Forward => match pingora_http::authority::raw_target_authority(req.raw_path()) {
+                pingora_http::authority::RawTargetAuthority::Absolute {
+                    scheme,
+                    authority,
+                    path_and_query,
+                } => {
+                    let https = match scheme.to_ascii_lowercase().as_slice() {
+                        b"http" => false,
+                        b"https" => true,
+                        _ => return Err(Error::bad_request("only http and https targets are proxied")),
+                    };
+                    let authority =
+                        std::str::from_utf8(authority).map_err(|_| Error::bad_request("invalid authority"))?;
+                    let (host, port) = split_host_port(authority, if https { 443 } else { 80 })?;
+                    let pq = std::str::from_utf8(path_and_query).map_err(|_| Error::bad_request("invalid path"))?;
+                    let (path, query) = split(pq);
+                    Ok((
+                        Target {
+                            method,
+                            host,
+                            port,
+                            https,
+                            path,
+                            query,
+                        },
+                        None,
+                    ))
+                }
+                pingora_http::authority::RawTargetAuthority::None => {
+                    let host = req
+                        .headers
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .ok_or_else(|| Error::bad_request("the request names no host"))?;
+                    let (host, port) = split_host_port(host, 80)?;
+                    let (path, query) = split(raw);
+                    Ok((
+                        Target {
+                            method,
+                            host,
+                            port,
+                            https: false,
+                            path,
+                            query,
+                        },
+                        None,
+                    ))
+                }
+                pingora_http::authority::RawTargetAuthority::AmbiguousAuthority => {
+                    Err(Error::bad_request("ambiguous request target"))
+                }
+            },
+        }
+    }
+
+    /// The decision, reading the body first when a rule needs it. On refusal, what was
+    /// established so far goes with the error (for the audit event).
+    async fn decide(
+        &self,
+        session: &mut Session,
+        t: &Target,
+        bound: Option<caracal_shared::ids::ResourceId>,
+        secret: Option<&str>,
+        ctx: &mut Ctx,
+    ) -> Result<Decision, (Error, Partial)> {
+        let gw = &self.gw;
+        let c = gw.authenticate(secret).await.map_err(|e| (e, Partial::default()))?;
+        let (r, path) = gw.select(&c, t, bound).map_err(|e| {
+            (
+                e,
+                Partial {
+                    mandate: Some(c.clone()),
+                    ..Default::default()
+                },
+            )
+        })?;
+        let partial = |e: Error| {
+            (
+                e,
+                Partial {
+                    mandate: Some(c.clone()),
+                    resource: Some(r.clone()),
+                    path: Some(path.clone()),
+                },
+            )
+        };
+        let (model, tool) = if gw.needs_body(&c, &r, &t.method) {
+            let max = gw.rt.config.gateway.max_inspect_body;
+            let too_big = || {
+                Error::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!("request bodies that policy inspects are limited to {max} bytes"),
+                )
+            };
+            if let Some(len) = session
+                .req_header()
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<usize>().ok())
+                && len > max
+            {
+                return Err(partial(too_big()));
+            }
+            session.enable_retry_buffering();
+            let mut buf = BytesMut::new();
+            loop {
+                match session.read_request_body().await {
+                    Ok(Some(chunk)) => {
+                        if buf.len() + chunk.len() > max {
+                            return Err(partial(too_big()));
+                        }
+                        buf.extend_from_slice(&chunk);
+                    }
+                    Ok(None) => break,
+                    Err(_) => return Err(partial(Error::bad_request("the request body could not be read"))),
+                }
+            }
+            let body = buf.freeze();
+            let facts = body_facts(&body);
+            ctx.body = Some(body);
+            facts
+        } else {
+            (String::new(), String::new())
+        };
+        let facts = Facts {
+            method: &t.method,
+            host: &t.host,
+            path: &path,
+            model: &model,
+            tool: &tool,
+        };
+        let rule = gw.authorize(&c, &r, &facts).map_err(partial)?;
+        let upstream_host = if bound.is_some() {
+            r.base_host.clone()
+        } else {
+            t.host.clone()
+        };
+        let addr = gw.resolve(&r, &upstream_host, r.base_port).await.map_err(partial)?;
+        Ok(Decision {
+            mandate: c,
+            resource: r,
+            path,
+            rule,
+            addr,
+            upstream_host,
+        })
+    }
+
+    fn edits(&self, d: &Decision, request_id: &str) -> Vec<Edit> {
+        let mut e = vec![
+            Edit::Remove(header::PROXY_AUTHORIZATION),
+            Edit::Remove(HeaderName::from_static("proxy-connection")),
+            Edit::Remove(HeaderName::from_static("x-caracal-mandate")),
+            Edit::Remove(HeaderName::from_static("keep-alive")),
+            Edit::Remove(header::TE),
+            Edit::Remove(header::TRAILER),
+            Edit::Remove(header::UPGRADE),
+        ];
+        if matches!(self.mode, Mode::Sidecar { .. }) {
+            e.push(Edit::Remove(header::AUTHORIZATION));
+        }
+        if let Injection::Header(name, value) = &d.resource.inject {
+            e.push(Edit::Remove(name.clone()));
+            e.push(Edit::Set(name.clone(), value.clone()));
+        }
+        let default_port = if d.resource.https { 443 } else { 80 };
+        let host = if d.resource.base_port == default_port {
+            d.upstream_host.clone()
+        } else {
+            format!("{}:{}", d.upstream_host, d.resource.base_port)
+        };
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            e.push(Edit::Set(header::HOST, v));
+        }
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            e.push(Edit::Set(HeaderName::from_static("x-request-id"), v));
+        }
+        e
+    }
+
+    fn via(&self, existing: Option<&HeaderValue>) -> HeaderValue {
+        let me = format!("1.1 {}", self.gw.rt.config.gateway.id);
+        let v = match existing.and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {me}"),
+            None => me,
+        };
+        HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("1.1 caracal"))
+    }
+
+    fn forward_target(&self, d: &Decision, query: Option<&str>) -> String {
+        let mut out = String::new();
+        if matches!(self.mode, Mode::Sidecar { .. }) {
+            out.push_str(&d.resource.base_path);
+        }
+        out.push_str(&caracal_shared::reqpath::encode_path(&d.path));
+        let mut q: Vec<String> = query
+            .map(|q| q.split('&').filter(|p| !p.is_empty()).map(String::from).collect())
+            .unwrap_or_default();
+        if let Injection::Query(name, value) = &d.resource.inject {
+            let prefix = format!("{name}=");
+            q.retain(|p| p != name && !p.starts_with(&prefix));
+            q.push(format!("{name}={value}"));
+        }
+        if !q.is_empty() {
+            out.push('?');
+            out.push_str(&q.join("&"));
+        }
+        out
+    }
+
+    /// Send a request whose (large) body was read to decide, with the gateway's forwarder, and
+    /// stream the response back.
+    async fn forward_buffered(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<()> {
+        let d = ctx.decision.as_ref().expect("decided");
+        let req = session.req_header();
+        let mut b = http::Request::builder()
+            .method(req.method.clone())
+            .uri(ctx.forward_target.as_str());
+        let mut headers = req.headers.clone();
+        for e in self.edits(d, &ctx.request_id) {
+            match e {
+                Edit::Remove(n) => {
+                    headers.remove(n);
+                }
+                Edit::Set(n, v) => {
+                    headers.insert(n, v);
+                }
+            }
+        }
+        headers.remove(header::CONNECTION);
+        headers.insert(header::VIA, self.via(req.headers.get(header::VIA)));
+        if let Some(h) = b.headers_mut() {
+            *h = headers;
+        }
+        let body = ctx.body.take().unwrap_or_default();
+        let hreq = b
+            .body(Full::new(body))
+            .map_err(|_| pingora::Error::new(pingora::ErrorType::InternalError))?;
+        let sni = d.resource.https.then_some(d.upstream_host.as_str());
+        let ca = d.resource.upstream_ca_der.as_deref().map(|v| v.as_slice());
+        match self.fwd.send(d.addr, sni, ca, hreq).await {
+            Ok((resp, lease)) => {
+                let (parts, mut body) = resp.into_parts();
+                let mut rh = ResponseHeader::build(parts.status, Some(parts.headers.len()))?;
+                for (k, v) in parts.headers.iter() {
+                    if k == header::CONNECTION || k == header::TRANSFER_ENCODING || k.as_str() == "keep-alive" {
+                        continue;
+                    }
+                    rh.append_header(k.clone(), v.clone())?;
+                }
+                session.write_response_header(Box::new(rh), false).await?;
+                let mut complete = true;
+                while let Some(frame) = body.frame().await {
+                    match frame {
+                        Ok(f) => {
+                            if let Ok(data) = f.into_data() {
+                                session.write_response_body(Some(data), false).await?;
+                            }
+                        }
+                        Err(_) => {
+                            complete = false;
+                            break;
+                        }
+                    }
+                }
+                session.write_response_body(None, true).await?;
+                if complete {
+                    lease.release();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.gw
+                    .metrics
+                    .upstream_errors
+                    .with_label_values(&[e.code.as_str()])
+                    .inc();
+                respond_error(session, &e, false, &ctx.request_id).await
+            }
+        }
+    }
+}
+
+/// What was established before a refusal.
+#[derive(Default)]
+struct Partial {
+    mandate: Option<Arc<crate::state::Cached>>,
+    resource: Option<Arc<crate::state::ResourceEntry>>,
+    path: Option<String>,
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            started: Instant::now(),
+            request_id: String::new(),
+            decision: None,
+            body: None,
+            forward_target: String::new(),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        ctx.started = Instant::now();
+        ctx.request_id = request_id(session.req_header());
+        let rid = ctx.request_id.clone();
+        let source = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let info = AuditInfo {
+            request_id: &rid,
+            source,
+            kind: "http",
+            mode: if self.proxy_auth() { "forward" } else { "sidecar" },
+        };
+        let gw = self.gw.clone();
+        let via_loop = session
+            .req_header()
+            .headers
+            .get_all(header::VIA)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|p| p.trim().ends_with(&gw.rt.config.gateway.id)));
+        let outcome = if via_loop {
+            Err((
+                Error::new(ErrorCode::LoopDetected, "the request already passed this gateway"),
+                None,
+                Partial::default(),
+            ))
+        } else {
+            match self.target(session.req_header()) {
+                Err(e) => Err((e, None, Partial::default())),
+                Ok((t, bound)) => {
+                    let secret = self.secret(session.req_header());
+                    match self.decide(session, &t, bound, secret.as_deref(), ctx).await {
+                        Ok(d) => Ok((t, d)),
+                        Err((e, partial)) => Err((e, Some(t), partial)),
+                    }
+                }
+            }
+        };
+        match outcome {
+            Ok((t, d)) => {
+                let est = Established {
+                    mandate: Some(&d.mandate),
+                    resource: Some(&d.resource),
+                    target: Some(&t),
+                    path: Some(&d.path),
+                    rule: Some(&d.rule),
+                };
+                if let Err(e) = gw.audit_decision(true, "ok", &est, &info) {
+                    gw.metrics.decisions.with_label_values(&["deny", e.code.as_str()]).inc();
+                    respond_error(session, &e, false, &ctx.request_id).await?;
+                    return Ok(true);
+                }
+                gw.metrics.allowed.inc();
+                ctx.forward_target = self.forward_target(&d, t.query.as_deref());
+                ctx.decision = Some(d);
+                if ctx.body.as_ref().is_some_and(|b| b.len() > REPLAY_LIMIT) {
+                    self.forward_buffered(session, ctx).await?;
+                    return Ok(true);
+                }
+                Ok(false)
+            }
+            Err((e, t, partial)) => {
+                gw.metrics.decisions.with_label_values(&["deny", e.code.as_str()]).inc();
+                let est = Established {
+                    mandate: partial.mandate.as_deref(),
+                    resource: partial.resource.as_deref(),
+                    target: t.as_ref(),
+                    path: partial.path.as_deref(),
+                    rule: None,
+                };
+                if let Err(ae) = gw.audit_decision(false, e.code.as_str(), &est, &info) {
+                    tracing::warn!(error = %ae, "a denial could not be audited");
+                }
+                respond_error(session, &e, self.proxy_auth(), &ctx.request_id).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end: bool,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        // The body read to decide is replayed whole.
+        if let Some(b) = ctx.body.take() {
+            *body = Some(b);
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> pingora::Result<Box<HttpPeer>> {
+        let d = ctx
+            .decision
+            .as_ref()
+            .ok_or_else(|| pingora::Error::explain(pingora::ErrorType::HTTPStatus(403), "no decision"))?;
+        let mut peer = HttpPeer::new(d.addr, d.resource.https, d.upstream_host.clone());
+        let cfg = &self.gw.rt.config.gateway;
+        peer.options.connection_timeout = Some(cfg.upstream_connect_timeout);
+        peer.options.read_timeout = Some(cfg.upstream_read_timeout);
+        if let Some(ca) = &d.resource.upstream_ca {
+            peer.options.ca = Some(ca.clone());
+        }
+        self.gw.metrics.added.observe(ctx.started.elapsed().as_secs_f64());
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        up: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        let Some(d) = ctx.decision.as_ref() else {
+            return Err(pingora::Error::explain(
+                pingora::ErrorType::HTTPStatus(403),
+                "no decision",
+            ));
+        };
+        let uri: http::Uri = ctx
+            .forward_target
+            .parse()
+            .map_err(|_| pingora::Error::explain(pingora::ErrorType::InternalError, "bad forward path"))?;
+        up.set_uri(uri);
+        up.set_raw_path(ctx.forward_target.as_bytes())?;
+        for e in self.edits(d, &ctx.request_id) {
+            match e {
+                Edit::Remove(n) => {
+                    up.remove_header(&n);
+                }
+                Edit::Set(n, v) => {
+                    up.insert_header(n, v)?;
+                }
+            }
+        }
+        let via = self.via(up.headers.get(header::VIA));
+        up.insert_header(header::VIA, via)?;
+        Ok(())
+    }
+
+    async fn logging(&self, _session: &mut Session, e: Option<&pingora::Error>, ctx: &mut Ctx) {
+        self.gw.metrics.total.observe(ctx.started.elapsed().as_secs_f64());
+        if let Some(e) = e
+            && ctx.decision.is_some()
+        {
+            self.gw
+                .metrics
+                .upstream_errors
+                .with_label_values(&[&format!("{:?}", e.etype()).to_ascii_lowercase()])
+                .inc();
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &pingora::Error) -> bool {
+        matches!(error.esource(), pingora::ErrorSource::Downstream)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut Ctx) -> FailToProxy {
+        use pingora::ErrorType::*;
+        let code = match e.etype() {
+            ConnectTimedout | ReadTimedout | WriteTimedout => ErrorCode::UpstreamTimeout,
+            _ if matches!(e.esource(), pingora::ErrorSource::Upstream) => ErrorCode::UpstreamUnreachable,
+            HTTPStatus(403) => ErrorCode::Forbidden,
+            _ if matches!(e.esource(), pingora::ErrorSource::Downstream) => {
+                return FailToProxy {
+                    error_code: 0,
+                    can_reuse_downstream: false,
+                };
+            }
+            _ => ErrorCode::Internal,
+        };
+        let err = Error::new(
+            code,
+            if code == ErrorCode::UpstreamTimeout {
+                "the upstream timed out"
+            } else {
+                "the upstream could not be reached"
+            },
+        );
+        let _ = respond_error(session, &err, false, &ctx.request_id).await;
+        FailToProxy {
+            error_code: err.status().as_u16(),
+            can_reuse_downstream: false,
+        }
+    }
+}

@@ -1,0 +1,467 @@
+//! Everything the request path reads, kept in memory: a snapshot of resources (with their
+//! unsealed credentials and egress rules) and active policies, the verification key set, the
+//! revocation set, and caches of verified mandates, exchanged API keys and checked DNS answers.
+//!
+//! The snapshot is loaded at start and reloaded when a control-plane event arrives (and every
+//! minute regardless). Keys reload on key events and on an unknown key id. Nothing here does a
+//! database or network round trip per request in the common case.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use biscuit_auth::PublicKey;
+use caracal_shared::audit::AuditEmitter;
+use caracal_shared::crypto::{KeyRing, Secret};
+use caracal_shared::egress::{Cidr, EgressGuard, EgressPolicy, Resolver};
+use caracal_shared::error::{Error, ErrorCode, Result};
+use caracal_shared::http::client::HttpClient;
+use caracal_shared::ids::{AgentId, PolicyId, ResourceId, TenantId};
+use caracal_shared::mandate::{MandateError, VerifiedMandate};
+use caracal_shared::policy::{
+    ANY, CompiledPolicy, Effect, GlobKind, MatchRule, Pattern, globs_to_regex, methods_to_regex,
+};
+use caracal_shared::ratelimit::RateLimiter;
+use caracal_shared::runtime::Runtime;
+use caracal_shared::store::resources::{InjectKind, Resource, parse_base_url};
+use caracal_shared::time::now_secs;
+use http::HeaderValue;
+use http::header::HeaderName;
+
+use crate::metrics::Metrics;
+use crate::revocation::RevocationSet;
+
+/// How the resource's credential is added to forwarded requests.
+#[derive(Clone)]
+pub enum Injection {
+    None,
+    Header(HeaderName, HeaderValue),
+    Query(String, String),
+}
+
+/// A resource as the request path needs it.
+pub struct ResourceEntry {
+    pub res: Resource,
+    pub https: bool,
+    pub base_host: String,
+    pub base_port: u16,
+    /// Path prefix of the base URL (sidecar mode prepends it).
+    pub base_path: String,
+    pub inject: Injection,
+    pub guard: EgressGuard,
+    /// Allowed models (the resource's allowlist), empty: any.
+    pub models: Vec<Pattern>,
+    /// Allowed operations (`METHOD /glob`), empty: any.
+    pub operations: Vec<MatchRule>,
+    /// CA for the upstream's certificate (instead of the system roots).
+    pub upstream_ca: Option<Arc<[pingora::utils::tls::WrappedX509]>>,
+    /// The same CA as DER, for the gateway's own forwarder.
+    pub upstream_ca_der: Option<Arc<Vec<Vec<u8>>>>,
+}
+
+impl std::fmt::Debug for ResourceEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResourceEntry")
+            .field("id", &self.res.id)
+            .field("name", &self.res.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResourceEntry {
+    fn build(
+        res: Resource,
+        credential: Option<Secret>,
+        deny: &[SocketAddr],
+        resolver: Arc<dyn Resolver>,
+    ) -> Result<ResourceEntry> {
+        let (scheme, base_host, base_port, base_path) = parse_base_url(&res.base_url)?;
+        let sensitive = |v: String| -> Result<HeaderValue> {
+            let mut h = HeaderValue::from_str(&v)
+                .map_err(|_| Error::validation("the resource credential is not a valid header value"))?;
+            h.set_sensitive(true);
+            Ok(h)
+        };
+        let inject = match (res.inject.kind, credential) {
+            (InjectKind::None, _) | (_, None) => Injection::None,
+            (InjectKind::Bearer, Some(c)) => Injection::Header(
+                http::header::AUTHORIZATION,
+                sensitive(format!("Bearer {}", String::from_utf8_lossy(c.expose())))?,
+            ),
+            (InjectKind::Basic, Some(c)) => Injection::Header(
+                http::header::AUTHORIZATION,
+                sensitive(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(c.expose())
+                ))?,
+            ),
+            (InjectKind::Header, Some(c)) => {
+                let name = HeaderName::from_bytes(res.inject.name.as_deref().unwrap_or("x-api-key").as_bytes())
+                    .map_err(|_| Error::validation("invalid header name"))?;
+                Injection::Header(name, sensitive(String::from_utf8_lossy(c.expose()).into_owned())?)
+            }
+            (InjectKind::Query, Some(c)) => Injection::Query(
+                res.inject.name.clone().unwrap_or_else(|| "key".into()),
+                caracal_shared::http::form_encode(&String::from_utf8_lossy(c.expose())),
+            ),
+        };
+        let allow: Vec<Cidr> = res
+            .settings
+            .egress_allow
+            .iter()
+            .filter_map(|c| c.parse().ok())
+            .collect();
+        let guard = EgressGuard::new(
+            EgressPolicy {
+                allow,
+                deny: deny.to_vec(),
+                allow_all: false,
+            },
+            resolver,
+        );
+        let models = res
+            .settings
+            .models
+            .iter()
+            .map(|m| Pattern::new(&globs_to_regex(std::slice::from_ref(m), GlobKind::Name)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(Error::validation)?;
+        let mut operations = Vec::new();
+        for op in &res.settings.operations {
+            let (m, p) = op.split_once(' ').unwrap_or(("*", "/**"));
+            let mr = MatchRule::from_sources(
+                op,
+                Effect::Allow,
+                [
+                    &methods_to_regex(&[m.to_string()]),
+                    ANY,
+                    &globs_to_regex(&[p.trim().to_string()], GlobKind::Path),
+                    ANY,
+                    ANY,
+                ],
+            )
+            .map_err(Error::validation)?;
+            operations.push(mr);
+        }
+        let (upstream_ca, upstream_ca_der) = match &res.settings.upstream_ca_pem {
+            None => (None, None),
+            Some(pem) => {
+                let ders = caracal_shared::store::agents::parse_ca_pem(pem)?;
+                let v: Vec<pingora::utils::tls::WrappedX509> = ders
+                    .iter()
+                    .map(|d| pingora::utils::tls::WrappedX509::new(d.clone(), pingora::utils::tls::parse_x509))
+                    .collect();
+                (Some(Arc::from(v.into_boxed_slice())), Some(Arc::new(ders)))
+            }
+        };
+        Ok(ResourceEntry {
+            https: scheme == "https",
+            base_host,
+            base_port,
+            base_path,
+            inject,
+            guard,
+            models,
+            operations,
+            upstream_ca,
+            upstream_ca_der,
+            res,
+        })
+    }
+
+    /// Does the resource's own allowlist admit this request (models, operations)?
+    pub fn admits(&self, method: &str, path: &str, model: &str) -> bool {
+        let model_ok = self.models.is_empty() || (!model.is_empty() && self.models.iter().any(|p| p.matches(model)));
+        let op_ok = self.operations.is_empty()
+            || self.operations.iter().any(|r| {
+                r.matches(&caracal_shared::policy::Facts {
+                    method,
+                    host: "",
+                    path,
+                    model: "",
+                    tool: "",
+                })
+            });
+        model_ok && op_ok
+    }
+}
+
+/// Resources and active policies, swapped as a whole.
+#[derive(Default)]
+pub struct Snapshot {
+    pub resources: HashMap<ResourceId, Arc<ResourceEntry>>,
+    /// (tenant, name) → id, for sidecars.
+    pub by_name: HashMap<(TenantId, String), ResourceId>,
+    pub tenants: HashMap<String, TenantId>,
+    pub active: HashMap<(TenantId, PolicyId), (i64, Arc<CompiledPolicy>)>,
+}
+
+/// A verified mandate as cached: revocation is re-checked only when the set changed.
+pub struct Cached {
+    pub m: VerifiedMandate,
+    checked_generation: AtomicU64,
+    revoked: AtomicBool,
+}
+
+impl Cached {
+    pub fn new(m: VerifiedMandate) -> Self {
+        Cached {
+            m,
+            checked_generation: AtomicU64::new(0),
+            revoked: AtomicBool::new(false),
+        }
+    }
+
+    /// Revoked according to the set at its current generation.
+    #[inline]
+    pub fn is_revoked(&self, set: &RevocationSet) -> bool {
+        let g = set.generation();
+        if self.checked_generation.load(Ordering::Acquire) == g {
+            return self.revoked.load(Ordering::Acquire);
+        }
+        let r = set.is_revoked(&self.m);
+        self.revoked.store(r, Ordering::Release);
+        self.checked_generation.store(g, Ordering::Release);
+        r
+    }
+}
+
+pub struct Gateway {
+    pub rt: Runtime,
+    pub snapshot: RwLock<Arc<Snapshot>>,
+    keys: RwLock<Arc<HashMap<u32, PublicKey>>>,
+    keys_reloaded: std::sync::Mutex<Instant>,
+    pub mandates: moka::sync::Cache<String, Arc<Cached>>,
+    pub exchanged: moka::future::Cache<[u8; 32], Arc<Cached>>,
+    pub revocations: RevocationSet,
+    pub audit: AuditEmitter,
+    pub limiter: RateLimiter<AgentId>,
+    pub dns: moka::future::Cache<(ResourceId, String, u16), Arc<Vec<SocketAddr>>>,
+    pub metrics: Metrics,
+    pub resolver: Arc<dyn Resolver>,
+    pub own: Vec<SocketAddr>,
+    pub sts: HttpClient,
+    pub seal: KeyRing,
+    compiled: moka::sync::Cache<(PolicyId, i64), Arc<CompiledPolicy>>,
+}
+
+impl Gateway {
+    pub fn new(
+        rt: Runtime,
+        audit: AuditEmitter,
+        metrics: Metrics,
+        resolver: Arc<dyn Resolver>,
+        own: Vec<SocketAddr>,
+    ) -> Result<Gateway> {
+        let cfg = &rt.config.gateway;
+        let seal = rt.config.keys.seal.clone().ok_or_else(|| {
+            Error::new(
+                ErrorCode::ValidationFailed,
+                "the gateway needs keys.seal (to open resource credentials)",
+            )
+        })?;
+        // The STS may run on loopback (caracal dev); the gateway's own listeners stay refused.
+        let sts_guard = EgressGuard::system(EgressPolicy {
+            allow_all: true,
+            deny: own.clone(),
+            allow: vec![],
+        });
+        Ok(Gateway {
+            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            keys: RwLock::new(Arc::new(HashMap::new())),
+            keys_reloaded: std::sync::Mutex::new(Instant::now() - Duration::from_secs(60)),
+            mandates: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(
+                    caracal_shared::store::policies::MAX_MANDATE_LIFETIME_SECS as u64,
+                ))
+                .build(),
+            exchanged: moka::future::Cache::builder().max_capacity(100_000).build(),
+            revocations: RevocationSet::new(cfg.revocation_staleness),
+            audit,
+            limiter: RateLimiter::new(cfg.agent_rate_per_sec, cfg.agent_rate_burst),
+            dns: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(cfg.dns_ttl)
+                .build(),
+            metrics,
+            resolver,
+            own,
+            sts: HttpClient::new(Arc::new(sts_guard)).with_timeout(Duration::from_secs(10)),
+            seal,
+            compiled: moka::sync::Cache::builder().max_capacity(10_000).build(),
+            rt,
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reload resources (unsealing credentials) and active policies from the database.
+    pub async fn reload_snapshot(&self) -> Result<()> {
+        let store = &self.rt.store;
+        let mut snap = Snapshot::default();
+        for res in store.all_resources(100_000).await? {
+            let cred = match store.resource_credential(&self.seal, &res).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(resource = %res.id, error = %e, "cannot open a resource credential; the resource is unavailable");
+                    continue;
+                }
+            };
+            let id = res.id;
+            let key = (res.tenant_id, res.name.clone());
+            match ResourceEntry::build(res, cred, &self.own, self.resolver.clone()) {
+                Ok(e) => {
+                    snap.resources.insert(id, Arc::new(e));
+                    snap.by_name.insert(key, id);
+                }
+                Err(e) => tracing::error!(resource = %id, error = %e, "unusable resource"),
+            }
+        }
+        for t in store.list_all_tenants(100_000).await? {
+            snap.tenants.insert(t.name.clone(), t.id);
+        }
+        for (tenant, policy, version) in store.active_policy_versions().await? {
+            let compiled = match self.compiled.get(&(policy, version)) {
+                Some(c) => c,
+                None => {
+                    let c = Arc::new(store.policy_version(tenant, policy, version).await?.compile()?);
+                    self.compiled.insert((policy, version), c.clone());
+                    c
+                }
+            };
+            snap.active.insert((tenant, policy), (version, compiled));
+        }
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snap);
+        // Cached DNS answers were checked against the old egress rules.
+        self.dns.invalidate_all();
+        Ok(())
+    }
+
+    pub async fn reload_keys(&self) -> Result<()> {
+        let keys = self.rt.store.signing_keys().await?;
+        let mut set = HashMap::new();
+        for k in caracal_shared::keys::published(&keys) {
+            set.insert(k.kid, caracal_shared::mandate::public_key_from_str(&k.public_key)?);
+        }
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+        *self.keys_reloaded.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        Ok(())
+    }
+
+    /// Reload revocations from the database (start, gaps, periodically).
+    pub async fn reconcile_revocations(&self) -> Result<()> {
+        let last = self
+            .rt
+            .store
+            .stream_last_seq(caracal_shared::bus::streams::REVOCATIONS)
+            .await?;
+        let all = self.rt.store.live_revocations().await?;
+        self.revocations.replace(&all, last);
+        Ok(())
+    }
+
+    /// Verify a mandate (once per token; cached until it expires).
+    pub async fn verify_mandate(&self, token: &str) -> Result<Arc<Cached>> {
+        if let Some(c) = self.mandates.get(token) {
+            self.metrics.cache_hit.inc();
+            return Ok(c);
+        }
+        self.metrics.cache_miss.inc();
+        let now = now_secs();
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let v = match VerifiedMandate::verify(token, keys.as_ref(), now) {
+            Err(MandateError::UnknownKey(_)) => {
+                // A key published since the last reload: refresh (at most once a second).
+                let due =
+                    self.keys_reloaded.lock().unwrap_or_else(|p| p.into_inner()).elapsed() > Duration::from_secs(1);
+                if due {
+                    self.reload_keys().await?;
+                }
+                let keys = self.keys.read().unwrap_or_else(|p| p.into_inner()).clone();
+                VerifiedMandate::verify(token, keys.as_ref(), now)
+            }
+            other => other,
+        }
+        .map_err(Error::from)?;
+        let c = Arc::new(Cached::new(v));
+        self.mandates.insert(token.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Exchange an API key with the STS for a mandate — once per mandate lifetime: the result
+    /// is cached and renewed when less than a fifth of its life remains.
+    pub async fn mandate_for_api_key(&self, key: &str) -> Result<Arc<Cached>> {
+        let h = caracal_shared::crypto::sha256(key.as_bytes());
+        if let Some(c) = self.exchanged.get(&h).await {
+            let left = c.m.claims.expires_at - now_secs();
+            let life = (c.m.claims.expires_at - c.m.claims.issued_at).max(1);
+            if left * 5 > life {
+                return Ok(c);
+            }
+            self.exchanged.invalidate(&h).await;
+        }
+        let key = key.to_string();
+        self.exchanged
+            .try_get_with(h, async {
+                let url = format!("{}/oauth/token", self.rt.config.gateway.sts_url.trim_end_matches('/'));
+                let r = self
+                    .sts
+                    .post_form(
+                        &url,
+                        &[],
+                        &[
+                            ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+                            ("subject_token_type", "urn:caracal:params:oauth:token-type:api-key"),
+                            ("subject_token", &key),
+                        ],
+                    )
+                    .await
+                    .map_err(|e| {
+                        Error::new(ErrorCode::Unavailable, format!("the STS is unreachable: {}", e.message))
+                    })?;
+                if !r.status.is_success() {
+                    let v = r.json_value();
+                    let code = v["error"].as_str().unwrap_or("");
+                    let msg = v["error_description"]
+                        .as_str()
+                        .unwrap_or("exchange refused")
+                        .to_string();
+                    return Err(match code {
+                        "invalid_client" | "invalid_grant" => Error::new(ErrorCode::ProxyAuthRequired, msg),
+                        "unauthorized_client" | "invalid_scope" | "invalid_target" => {
+                            Error::new(ErrorCode::PolicyDenied, msg)
+                        }
+                        "slow_down" => Error::new(ErrorCode::RateLimited, msg).with_retry_after(10),
+                        _ => Error::new(ErrorCode::Unavailable, msg),
+                    });
+                }
+                let token = r.json_value()["access_token"].as_str().unwrap_or("").to_string();
+                let c = self.verify_mandate(&token).await?;
+                Ok::<_, Error>(c)
+            })
+            .await
+            .map_err(|e: Arc<Error>| Error::new(e.code, e.message.to_string()))
+    }
+
+    /// Resolve (cached) and check `host:port` for a resource; returns a checked address.
+    pub async fn resolve(&self, r: &Arc<ResourceEntry>, host: &str, port: u16) -> Result<SocketAddr> {
+        let key = (r.res.id, host.to_string(), port);
+        if let Some(a) = self.dns.get(&key).await
+            && let Some(first) = a.first()
+        {
+            return Ok(*first);
+        }
+        let addrs = r.guard.resolve_checked(host, port).await?;
+        let first = *addrs
+            .first()
+            .ok_or_else(|| Error::new(ErrorCode::UpstreamUnreachable, "no address"))?;
+        self.dns.insert(key, Arc::new(addrs)).await;
+        Ok(first)
+    }
+}

@@ -1,0 +1,844 @@
+//! The gateway end to end: real sockets, in-process Pingora, real clients (curl, Python), both
+//! storage backends. No packet leaves the machine: upstreams are loopback canaries and names
+//! resolve through a stub resolver; addresses the guard must refuse are refused before any
+//! connect.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use caracal_shared::testing::{Backend, FaultyBus, eventually};
+use common::*;
+use http::Method;
+use serde_json::json;
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite { $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(caracal_shared::testing::Backend::Sqlite).await; })* }
+        mod postgres { $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(caracal_shared::testing::Backend::Postgres).await; })* }
+    };
+}
+
+on_both_backends!(
+    allowed_requests_carry_the_injected_credential_never_the_mandate,
+    every_denial_has_its_status_code_and_audit_event,
+    revocation_takes_effect_at_the_gateway,
+    a_stale_revocation_feed_fails_closed,
+    egress_bypass_attempts_are_refused,
+    paths_are_normalised_and_forwarded_as_authorized,
+    real_clients_curl_and_python,
+    sidecar_mode,
+    large_inspected_bodies_are_forwarded_whole,
+);
+
+fn auth(secret: &str) -> String {
+    Env::basic(secret)
+}
+
+async fn allowed_requests_carry_the_injected_credential_never_the_mandate(b: Backend) {
+    let Some(env) = start(b, |_| {}).await else { return };
+    let m = env.mandate(&[]).await;
+    let url = format!("{}/v1/models?limit=2", env.api_url());
+    let r = env
+        .via_proxy(
+            "GET",
+            &url,
+            &[("proxy-authorization", &auth(&m)), ("x-request-id", "req-abc")],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let seen = env.upstream.last();
+    assert_eq!(seen.target, "/v1/models?limit=2", "origin-form, query kept");
+    assert_eq!(seen.headers["authorization"], "Bearer sk-upstream-secret-42");
+    assert!(!seen.headers.contains_key("proxy-authorization"));
+    assert!(
+        seen.headers.values().all(|v| !v.contains(&m[4..40])),
+        "the mandate never reaches the upstream"
+    );
+    assert_eq!(seen.headers["host"], format!("api.test:{}", env.upstream.addr.port()));
+    assert!(seen.headers["via"].contains(&env.rt.config.gateway.id));
+    assert_eq!(seen.headers["x-request-id"], "req-abc");
+    assert!(
+        env.audited(|e| e["decision"] == "allow" && e["request_id"] == "req-abc" && e["path"] == "/v1/models")
+            .await
+    );
+    // Bearer form, and an API key as the proxy password (exchanged once, then cached).
+    let r = env
+        .via_proxy("GET", &url, &[("proxy-authorization", &format!("Bearer {m}"))], b"")
+        .await;
+    assert_eq!(r.status, 200);
+    for _ in 0..3 {
+        let r = env
+            .via_proxy("GET", &url, &[("proxy-authorization", &auth(&env.key))], b"")
+            .await;
+        assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    }
+    let mints = env.audit().await.iter().filter(|e| e.body["type"] == "mint").count();
+    assert_eq!(
+        mints, 2,
+        "one mint for the test's mandate, one for the API key (not one per request)"
+    );
+    // HEAD and a POST the policy allows.
+    assert_eq!(
+        env.via_proxy(
+            "HEAD",
+            &format!("{}/v1/x", env.api_url()),
+            &[("proxy-authorization", &auth(&m))],
+            b""
+        )
+        .await
+        .status,
+        200
+    );
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let r = env
+        .via_proxy(
+            "POST",
+            &format!("{}/v1/chat/completions", env.api_url()),
+            &[("proxy-authorization", &auth(&m)), ("content-type", "application/json")],
+            body.as_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        env.upstream.last().body,
+        body.as_bytes(),
+        "an inspected body is forwarded intact"
+    );
+    // Metrics.
+    let metrics = env
+        .client
+        .get(&format!("http://{}/metrics", env.admin_addr))
+        .await
+        .unwrap()
+        .text();
+    assert!(metrics.contains("caracal_gateway_requests_total{decision=\"allow\",reason=\"ok\"}"));
+    assert!(metrics.contains("caracal_gateway_added_duration_seconds_bucket"));
+    assert_eq!(
+        env.client
+            .get(&format!("http://{}/readyz", env.admin_addr))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    env.stop().await;
+}
+
+async fn every_denial_has_its_status_code_and_audit_event(b: Backend) {
+    let Some(env) = start(b, |c| {
+        c.gateway.agent_rate_per_sec = 1;
+        c.gateway.agent_rate_burst = 40;
+        c.gateway.max_inspect_body = 1024;
+    })
+    .await
+    else {
+        return;
+    };
+    let m = env.mandate(&[]).await;
+    let a = auth(&m);
+    let u = env.api_url();
+    let before = env.upstream.count();
+    // (method, url, headers, body, expected status, expected code)
+    type Case<'a> = (&'a str, String, Vec<(&'a str, String)>, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        ("GET", format!("{u}/v1/models"), vec![], vec![], 407, "mandate_missing"),
+        (
+            "GET",
+            format!("{u}/v1/models"),
+            vec![("proxy-authorization", auth("cm1_forged"))],
+            vec![],
+            407,
+            "mandate_invalid",
+        ),
+        (
+            "GET",
+            format!("{u}/v1/models"),
+            vec![("proxy-authorization", "Digest nonsense".into())],
+            vec![],
+            407,
+            "mandate_missing",
+        ),
+        (
+            "GET",
+            format!("{u}/v1/models"),
+            vec![("proxy-authorization", auth("cak_notarealkeynotarealkeynotarealkey123"))],
+            vec![],
+            407,
+            "proxy_auth_required",
+        ),
+        (
+            "DELETE",
+            format!("{u}/v1/models/x"),
+            vec![("proxy-authorization", a.clone())],
+            vec![],
+            403,
+            "policy_denied",
+        ),
+        (
+            "GET",
+            format!("{u}/v1/admin/keys"),
+            vec![("proxy-authorization", a.clone())],
+            vec![],
+            403,
+            "policy_denied",
+        ),
+        (
+            "POST",
+            format!("{u}/v1/chat/completions"),
+            vec![
+                ("proxy-authorization", a.clone()),
+                ("content-type", "application/json".into()),
+            ],
+            br#"{"model":"gpt-3.5"}"#.to_vec(),
+            403,
+            "policy_denied",
+        ),
+        (
+            "POST",
+            format!("{u}/v1/chat/completions"),
+            vec![("proxy-authorization", a.clone())],
+            vec![b'x'; 2000],
+            413,
+            "payload_too_large",
+        ),
+        (
+            "GET",
+            "http://other.test/v1/models".into(),
+            vec![("proxy-authorization", a.clone())],
+            vec![],
+            403,
+            "policy_denied",
+        ),
+        (
+            "GET",
+            format!("https://api.test:{}/v1/models", env.upstream.addr.port()),
+            vec![("proxy-authorization", a.clone())],
+            vec![],
+            403,
+            "policy_denied",
+        ),
+        (
+            "GET",
+            format!("{u}/v1/models"),
+            vec![
+                ("proxy-authorization", a.clone()),
+                ("via", format!("1.1 {}", env.rt.config.gateway.id)),
+            ],
+            vec![],
+            508,
+            "loop_detected",
+        ),
+    ];
+    for (i, (method, url, headers, body, status, code)) in cases.iter().enumerate() {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let r = env.via_proxy(method, url, &h, body).await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (*status, *code),
+            "case {i}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        if *status == 407 {
+            assert!(r.headers.contains_key("proxy-authenticate"), "case {i}");
+        }
+        assert!(
+            env.audited(|e| e["decision"] == "deny" && e["reason"] == *code).await,
+            "case {i} audited"
+        );
+    }
+    assert_eq!(env.upstream.count(), before, "no denied request reached the upstream");
+    // An expired mandate.
+    let short = env.mandate(&[("lifetime", "1")]).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = env
+        .via_proxy(
+            "GET",
+            &format!("{u}/v1/models"),
+            &[("proxy-authorization", &auth(&short))],
+            b"",
+        )
+        .await;
+    assert_eq!((r.status, r.code().as_str()), (407, "mandate_expired"));
+    // Rate limits answer 429 with Retry-After.
+    let mut limited = None;
+    for _ in 0..60 {
+        let r = env
+            .via_proxy("GET", &format!("{u}/v1/models"), &[("proxy-authorization", &a)], b"")
+            .await;
+        if r.status == 429 {
+            limited = Some(r);
+            break;
+        }
+    }
+    let r = limited.expect("the agent hit its rate limit");
+    assert_eq!(r.code(), "rate_limited");
+    assert!(r.headers.contains_key("retry-after"));
+    env.stop().await;
+}
+
+async fn revocation_takes_effect_at_the_gateway(b: Backend) {
+    let Some(env) = start(b, |_| {}).await else { return };
+    let m = env.mandate(&[]).await;
+    let u = format!("{}/v1/models", env.api_url());
+    assert_eq!(
+        env.via_proxy("GET", &u, &[("proxy-authorization", &auth(&m))], b"")
+            .await
+            .status,
+        200
+    );
+    // Revoking the API key the mandate was minted with revokes the mandate.
+    let keys = env
+        .api(Method::GET, &format!("/v1/agents/{}/api-keys", env.agent), None)
+        .await
+        .json_value();
+    let kid = keys["items"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        env.api(
+            Method::DELETE,
+            &format!("/v1/agents/{}/api-keys/{kid}", env.agent),
+            None
+        )
+        .await
+        .status,
+        200
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            env.via_proxy("GET", &u, &[("proxy-authorization", &auth(&m))], b"")
+                .await
+                .code()
+                == "mandate_revoked"
+        })
+        .await,
+        "the revocation reached the gateway"
+    );
+    let r = env
+        .via_proxy("GET", &u, &[("proxy-authorization", &auth(&m))], b"")
+        .await;
+    assert_eq!(r.status, 403);
+    assert!(env.audited(|e| e["reason"] == "mandate_revoked").await);
+    env.stop().await;
+}
+
+async fn a_stale_revocation_feed_fails_closed(b: Backend) {
+    let faulty: Arc<std::sync::Mutex<Option<Arc<FaultyBus>>>> = Arc::default();
+    let f2 = faulty.clone();
+    let Some(env) = start_with_bus(
+        b,
+        |c| {
+            c.gateway.revocation_staleness = Duration::from_millis(800);
+            // Only the feed keeps it fresh here (a reconciliation would too).
+            c.gateway.revocation_reconcile_interval = Duration::from_secs(3600);
+        },
+        move |bus| {
+            let f = Arc::new(FaultyBus::new(bus));
+            *f2.lock().unwrap() = Some(f.clone());
+            f
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let m = env.mandate(&[]).await;
+    let u = format!("{}/v1/models", env.api_url());
+    assert_eq!(
+        env.via_proxy("GET", &u, &[("proxy-authorization", &auth(&m))], b"")
+            .await
+            .status,
+        200
+    );
+    let f = faulty.lock().unwrap().clone().unwrap();
+    f.fail_reads(true);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            env.via_proxy("GET", &u, &[("proxy-authorization", &auth(&m))], b"")
+                .await
+                .code()
+                == "revocation_feed_stale"
+        })
+        .await
+    );
+    let r = env
+        .via_proxy("GET", &u, &[("proxy-authorization", &auth(&m))], b"")
+        .await;
+    assert_eq!(r.status, 503);
+    assert!(r.headers.contains_key("retry-after"));
+    let readyz = format!("http://{}/readyz", env.admin_addr);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            env.client.get(&readyz).await.unwrap().status == 503
+        })
+        .await,
+        "not ready while stale"
+    );
+    f.fail_reads(false);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            env.via_proxy("GET", &u, &[("proxy-authorization", &auth(&m))], b"")
+                .await
+                .status
+                == 200
+        })
+        .await,
+        "recovers with the feed"
+    );
+    env.stop().await;
+}
+
+async fn egress_bypass_attempts_are_refused(b: Backend) {
+    let Some(env) = start(b, |_| {}).await else { return };
+    let port = env.upstream.addr.port();
+    let names = [
+        ("priv.test", vec!["10.0.0.5"]),
+        ("cgnat.test", vec!["100.64.1.1"]),
+        ("meta.test", vec!["169.254.169.254"]),
+        ("ali.test", vec!["100.100.100.200"]),
+        ("meta6.test", vec!["fd00:ec2::254"]),
+        ("ula.test", vec!["fd12:3456::1"]),
+        ("mapped.test", vec!["::ffff:10.0.0.1"]),
+        ("nat64.test", vec!["64:ff9b::a9fe:a9fe"]),
+        ("sixtofour.test", vec!["2002:a9fe:a9fe::1"]),
+        ("teredo.test", vec!["2001:0:4136:e378:8000:63bf:80ff:fffe"]),
+        ("linklocal6.test", vec!["fe80::1"]),
+        ("loop.test", vec!["127.0.0.1"]),
+        ("mixed.test", vec!["93.184.216.34", "10.0.0.1"]),
+    ];
+    for (n, ips) in &names {
+        env.resolver.set(n, &ips.iter().map(|s| &**s).collect::<Vec<_>>());
+    }
+    let mut hosts: Vec<String> = names.iter().map(|(n, _)| n.to_string()).collect();
+    hosts.extend(["2130706433", "0x7f000001", "0177.0.0.1", "127.1", "0x7f.1"].map(String::from));
+    let res = env
+        .api(
+            Method::POST,
+            "/v1/resources",
+            Some(json!({"name": "risky", "base_url": format!("http://priv.test:{port}"), "hosts": hosts})),
+        )
+        .await
+        .json_value();
+    env.api(
+        Method::POST,
+        "/v1/grants",
+        Some(json!({"agent_id": env.agent, "resource_id": res["id"], "policy_id": env.policy, "scopes": ["*"]})),
+    )
+    .await;
+    let m = env.mandate(&[]).await;
+    let before = env.upstream.count();
+    // Wait until the gateway's snapshot has the resource.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            env.via_proxy(
+                "GET",
+                &format!("http://priv.test:{port}/v1/x"),
+                &[("proxy-authorization", &auth(&m))],
+                b"",
+            )
+            .await
+            .code()
+                == "egress_denied"
+        })
+        .await
+    );
+    for h in &hosts {
+        let r = env
+            .via_proxy(
+                "GET",
+                &format!("http://{h}:{port}/v1/x"),
+                &[("proxy-authorization", &auth(&m))],
+                b"",
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (403, "egress_denied"),
+            "{h}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    assert_eq!(
+        env.upstream.count(),
+        before,
+        "the loopback canary was never reached through a refused name"
+    );
+
+    // DNS rebinding: the address checked is the address connected to; a later change is
+    // checked again before use.
+    env.resolver.set("rebind.test", &["127.0.0.1"]);
+    let api = env
+        .api(Method::GET, &format!("/v1/resources/{}", env.resource), None)
+        .await
+        .json_value();
+    let mut hosts: Vec<String> = vec![format!("api.test"), "rebind.test".into()];
+    hosts.extend(
+        api["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h.as_str().unwrap().to_string()),
+    );
+    hosts.dedup();
+    env.api(
+        Method::PATCH,
+        &format!("/v1/resources/{}", env.resource),
+        Some(json!({"hosts": hosts})),
+    )
+    .await;
+    let rebind = format!("http://rebind.test:{port}/v1/x");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            env.via_proxy("GET", &rebind, &[("proxy-authorization", &auth(&m))], b"")
+                .await
+                .status
+                == 200
+        })
+        .await
+    );
+    env.resolver.set("rebind.test", &["169.254.169.254"]);
+    let r = env
+        .via_proxy("GET", &rebind, &[("proxy-authorization", &auth(&m))], b"")
+        .await;
+    assert!(
+        r.status == 200 || r.code() == "egress_denied",
+        "within the TTL the checked address is reused"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = env
+        .via_proxy("GET", &rebind, &[("proxy-authorization", &auth(&m))], b"")
+        .await;
+    assert_eq!(
+        r.code(),
+        "egress_denied",
+        "after the TTL the new answer is checked and refused"
+    );
+
+    // The gateway never follows redirects (here: to the metadata address).
+    let hits = env.upstream.count();
+    let r = env
+        .via_proxy(
+            "GET",
+            &format!("{}/redirect", env.api_url()),
+            &[("proxy-authorization", &auth(&m))],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, 403, "/redirect is outside the /v1 policy");
+    let r = env
+        .via_proxy(
+            "GET",
+            &format!("{}/v1/../redirect", env.api_url()),
+            &[("proxy-authorization", &auth(&m))],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(env.upstream.count(), hits);
+    let r = env
+        .via_proxy(
+            "GET",
+            "http://169.254.169.254/latest/meta-data/",
+            &[("proxy-authorization", &auth(&m))],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, 403, "following the redirect by hand is refused too");
+
+    // The gateway's own listener is refused even when loopback is allowed.
+    let gw_port = env.proxy.port();
+    let own = env
+        .api(Method::POST, "/v1/resources", Some(json!({"name": "self", "base_url": format!("http://127.0.0.1:{gw_port}"), "settings": {"egress_allow": ["127.0.0.0/8"]}})))
+        .await
+        .json_value();
+    env.api(
+        Method::POST,
+        "/v1/grants",
+        Some(json!({"agent_id": env.agent, "resource_id": own["id"], "policy_id": env.policy, "scopes": ["*"]})),
+    )
+    .await;
+    let m2 = env.mandate(&[]).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            env.via_proxy(
+                "GET",
+                &format!("http://127.0.0.1:{gw_port}/v1/x"),
+                &[("proxy-authorization", &auth(&m2))],
+                b"",
+            )
+            .await
+            .code()
+                == "egress_denied"
+        })
+        .await
+    );
+    env.stop().await;
+}
+
+async fn paths_are_normalised_and_forwarded_as_authorized(b: Backend) {
+    let Some(env) = start(b, |_| {}).await else { return };
+    let m = env.mandate(&[]).await;
+    let a = auth(&m);
+    let u = env.api_url();
+    let get = |p: &'static str| {
+        let a = a.clone();
+        let u = u.clone();
+        let env = &env;
+        async move {
+            env.via_proxy("GET", &format!("{u}{p}"), &[("proxy-authorization", &a)], b"")
+                .await
+        }
+    };
+    // Refused outright.
+    for p in [
+        "/v1/a%2Fb",
+        "/v1/a%2fb",
+        "/v1/a%5Cb",
+        "/v1/x;jsessionid=1",
+        "/v1/%3B",
+        "/v1/%00",
+        "/..",
+        "/v1/%zz",
+    ] {
+        let r = get(p).await;
+        assert_eq!((r.status, r.code().as_str()), (400, "bad_request"), "{p}");
+    }
+    // Normalised, then authorized on the normalised form.
+    for (p, status) in [
+        ("/v1/%2e%2e/admin/x", 403),
+        ("/v1/chat/../admin/keys", 403),
+        ("/v1/models/%2E%2E/%2e%2e/admin/keys", 403),
+    ] {
+        assert_eq!(get(p).await.status, status, "{p}");
+    }
+    // Forwarded exactly as authorized (re-encoded once).
+    for (p, forwarded) in [
+        ("/v1/./models", "/v1/models"),
+        ("/v1/x/../models", "/v1/models"),
+        ("/v1/a%20b", "/v1/a%20b"),
+        ("/v1/%252e%252e/models", "/v1/%252e%252e/models"),
+        ("/v1/caf%C3%A9", "/v1/caf%C3%A9"),
+    ] {
+        let r = get(p).await;
+        assert_eq!(r.status, 200, "{p}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(env.upstream.last().target, forwarded, "{p}");
+    }
+    env.stop().await;
+}
+
+async fn real_clients_curl_and_python(b: Backend) {
+    let Some(env) = start(b, |_| {}).await else { return };
+    let m = env.mandate(&[]).await;
+    let proxy_url = format!("http://agent:{m}@{}", env.proxy);
+    let url = format!("{}/v1/models", env.api_url());
+    // curl -x (absolute-form).
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-x", &proxy_url, &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"ok\":true"));
+    assert_eq!(
+        env.upstream.last().headers["authorization"],
+        "Bearer sk-upstream-secret-42"
+    );
+    // curl with an API key as the proxy password.
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-x", &format!("http://agent:{}@{}", env.key, env.proxy), &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("\"ok\":true"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // curl without credentials: 407.
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-x",
+            &format!("http://{}", env.proxy),
+            &url,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "407");
+    // curl -p: CONNECT tunnel (the policy grants CONNECT on this resource), then plain HTTP inside.
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-p", "-x", &proxy_url, &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"ok\":true"));
+    assert!(
+        env.audited(|e| e["kind"] == "connect" && e["decision"] == "allow")
+            .await
+    );
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_connect}",
+            "-p",
+            "-x",
+            &format!("http://{}", env.proxy),
+            &url,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "407",
+        "an unauthenticated CONNECT is refused"
+    );
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_connect}",
+            "-p",
+            "-x",
+            &proxy_url,
+            &format!("http://meta.test:{}/", env.upstream.addr.port()),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "403",
+        "CONNECT to a host outside the mandate is refused"
+    );
+    // Python requests through HTTP_PROXY (environment only).
+    let script = r#"
+import os, requests, sys
+r = requests.get(sys.argv[1], timeout=10)
+print(r.status_code, r.json().get("ok"))
+r = requests.delete(sys.argv[1], timeout=10)
+print(r.status_code, r.json()["error"]["code"])
+"#;
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", script, &url])
+        .env("HTTP_PROXY", &proxy_url)
+        .env("http_proxy", &proxy_url)
+        .env("NO_PROXY", "")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.lines().collect::<Vec<_>>(), vec!["200 True", "403 policy_denied"]);
+    env.stop().await;
+}
+
+async fn sidecar_mode(b: Backend) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let Some(env) = start(b, move |c| {
+        c.gateway.sidecars = vec![caracal_shared::config::SidecarConfig {
+            listen: format!("127.0.0.1:{port}"),
+            tenant: "acme".into(),
+            resource: "api".into(),
+        }];
+    })
+    .await
+    else {
+        return;
+    };
+    let m = env.mandate(&[]).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let r = env
+        .client
+        .get_with(
+            &format!("{base}/v1/models"),
+            &[("authorization", &format!("Bearer {m}"))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = env.upstream.last();
+    assert_eq!(
+        seen.headers["authorization"], "Bearer sk-upstream-secret-42",
+        "the caller's bearer is replaced"
+    );
+    assert_eq!(seen.target, "/v1/models");
+    let r = env
+        .client
+        .get_with(&format!("{base}/v1/models"), &[("x-caracal-mandate", &m)])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let r = env.client.get(&format!("{base}/v1/models")).await.unwrap();
+    assert_eq!(r.status, 401);
+    assert!(r.headers.contains_key("www-authenticate"));
+    let r = env
+        .client
+        .get_with(
+            &format!("{base}/v1/admin/x"),
+            &[("authorization", &format!("Bearer {m}"))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403);
+    env.stop().await;
+}
+
+async fn large_inspected_bodies_are_forwarded_whole(b: Backend) {
+    let Some(env) = start(b, |_| {}).await else { return };
+    let m = env.mandate(&[]).await;
+    // Model after a large message list (as SDKs serialise it): past Pingora's 64 KiB replay buffer.
+    let big = "x".repeat(200 * 1024);
+    let body = json!({"messages": [{"role": "user", "content": big}], "model": "gpt-4o"}).to_string();
+    let url = format!("{}/v1/chat/completions", env.api_url());
+    let r = env
+        .via_proxy(
+            "POST",
+            &url,
+            &[("proxy-authorization", &auth(&m)), ("content-type", "application/json")],
+            body.as_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let seen = env.upstream.last();
+    assert_eq!(seen.body.len(), body.len());
+    assert_eq!(seen.body, body.as_bytes());
+    assert_eq!(seen.headers["authorization"], "Bearer sk-upstream-secret-42");
+    let bad = json!({"messages": [{"role": "user", "content": big}], "model": "gpt-3.5"}).to_string();
+    let r = env
+        .via_proxy(
+            "POST",
+            &url,
+            &[("proxy-authorization", &auth(&m)), ("content-type", "application/json")],
+            bad.as_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 403);
+    // Twice in a row on the pooled connection.
+    let r = env
+        .via_proxy(
+            "POST",
+            &url,
+            &[("proxy-authorization", &auth(&m)), ("content-type", "application/json")],
+            body.as_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    env.stop().await;
+}
