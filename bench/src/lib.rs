@@ -1,0 +1,225 @@
+//! A small load generator for the benchmarks: keep-alive HTTP/1.1 connections, a closed loop
+//! (N workers as fast as they can, for throughput) or an open loop (a fixed request rate,
+//! latency measured from each request's *scheduled* time so queueing is not hidden).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// How to build each request.
+pub type MakeRequest = Arc<dyn Fn() -> http::Request<Full<Bytes>> + Send + Sync>;
+
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub requests: u64,
+    pub errors: u64,
+    pub non_2xx: u64,
+    pub elapsed: Duration,
+    /// Latencies in microseconds, sorted.
+    pub latencies: Vec<u32>,
+}
+
+impl Stats {
+    pub fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub fn pct(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((p / 100.0) * (self.latencies.len() - 1) as f64).round() as usize;
+        Duration::from_micros(self.latencies[i.min(self.latencies.len() - 1)] as u64)
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "{:.0} req/s over {:.1}s ({} requests, {} errors, {} non-2xx); p50 {} p90 {} p99 {} p99.9 {}",
+            self.rps(),
+            self.elapsed.as_secs_f64(),
+            self.requests,
+            self.errors,
+            self.non_2xx,
+            fmt(self.pct(50.0)),
+            fmt(self.pct(90.0)),
+            fmt(self.pct(99.0)),
+            fmt(self.pct(99.9)),
+        )
+    }
+
+    fn merge(&mut self, o: Stats) {
+        self.requests += o.requests;
+        self.errors += o.errors;
+        self.non_2xx += o.non_2xx;
+        self.latencies.extend(o.latencies);
+    }
+}
+
+pub fn fmt(d: Duration) -> String {
+    if d < Duration::from_millis(1) {
+        format!("{}µs", d.as_micros())
+    } else {
+        format!("{:.2}ms", d.as_secs_f64() * 1000.0)
+    }
+}
+
+async fn connect(addr: SocketAddr) -> std::io::Result<http1::SendRequest<Full<Bytes>>> {
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let (send, conn) = http1::handshake(TokioIo::new(s)).await.map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+/// One request on a kept-alive connection (reconnecting when needed). Returns the status.
+async fn one(
+    addr: SocketAddr,
+    conn: &mut Option<http1::SendRequest<Full<Bytes>>>,
+    req: http::Request<Full<Bytes>>,
+) -> Result<u16, ()> {
+    if conn.as_ref().is_none_or(|c| c.is_closed()) {
+        *conn = Some(connect(addr).await.map_err(|_| ())?);
+    }
+    let c = conn.as_mut().ok_or(())?;
+    if c.ready().await.is_err() {
+        *conn = None;
+        return Err(());
+    }
+    match c.send_request(req).await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            if resp.into_body().collect().await.is_err() {
+                *conn = None;
+            }
+            Ok(status)
+        }
+        Err(_) => {
+            *conn = None;
+            Err(())
+        }
+    }
+}
+
+/// Closed loop: `workers` connections sending back to back for `duration`.
+pub async fn closed_loop(addr: SocketAddr, workers: usize, duration: Duration, make: MakeRequest) -> Stats {
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let stop = stop.clone();
+        let make = make.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = Stats::default();
+            let mut conn = None;
+            while !stop.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                match one(addr, &mut conn, make()).await {
+                    Ok(st) => {
+                        s.requests += 1;
+                        if !(200..300).contains(&st) {
+                            s.non_2xx += 1;
+                        }
+                        s.latencies.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    }
+                    Err(()) => s.errors += 1,
+                }
+            }
+            s
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = Stats::default();
+    for t in tasks {
+        if let Ok(s) = t.await {
+            total.merge(s);
+        }
+    }
+    total.elapsed = started.elapsed();
+    total.latencies.sort_unstable();
+    total
+}
+
+/// Open loop: `rate` requests per second spread over `connections`, for `duration`. Latency
+/// counts from the scheduled send time.
+pub async fn open_loop(
+    addr: SocketAddr,
+    connections: usize,
+    rate: u64,
+    duration: Duration,
+    make: MakeRequest,
+) -> Stats {
+    let started = Instant::now();
+    let total_reqs = (rate as f64 * duration.as_secs_f64()) as u64;
+    let per_conn = total_reqs / connections as u64;
+    let interval = Duration::from_secs_f64(connections as f64 / rate as f64);
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let make = make.clone();
+        let offset = interval.mul_f64(c as f64 / connections as f64);
+        tasks.push(tokio::spawn(async move {
+            let mut s = Stats::default();
+            let mut conn = None;
+            let base = Instant::now() + offset;
+            for i in 0..per_conn {
+                let scheduled = base + interval.mul_f64(i as f64);
+                let now = Instant::now();
+                if scheduled > now {
+                    tokio::time::sleep(scheduled - now).await;
+                }
+                match one(addr, &mut conn, make()).await {
+                    Ok(st) => {
+                        s.requests += 1;
+                        if !(200..300).contains(&st) {
+                            s.non_2xx += 1;
+                        }
+                        s.latencies
+                            .push(scheduled.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    }
+                    Err(()) => s.errors += 1,
+                }
+            }
+            s
+        }));
+    }
+    let mut total = Stats::default();
+    for t in tasks {
+        if let Ok(s) = t.await {
+            total.merge(s);
+        }
+    }
+    total.elapsed = started.elapsed();
+    total.latencies.sort_unstable();
+    total
+}
+
+/// A description of the machine for results files.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024)
+        })
+        .unwrap_or(0);
+    format!("{cores} cores ({cpu}), {mem} GiB RAM")
+}

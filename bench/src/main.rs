@@ -1,0 +1,219 @@
+//! `caracal-bench`: reproducible measurements. Each scenario starts what it measures in this
+//! process (real sockets, real backends), seeds it through the public APIs, warms it up, then
+//! measures. Run with `--release`.
+
+use std::sync::Arc;
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use caracal_bench::{MakeRequest, closed_loop, machine};
+use caracal_shared::config::BusBackend;
+use caracal_shared::http::client::HttpClient;
+use caracal_shared::runtime::Runtime;
+use caracal_shared::shutdown::Shutdown;
+use caracal_shared::testing::{self, Backend, TestDb};
+use clap::{Parser, Subcommand, ValueEnum};
+use http::Method;
+use http_body_util::Full;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "caracal-bench")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Store {
+    /// SQLite and the embedded bus (caracal dev).
+    Sqlite,
+    /// Postgres and Redis (production topology).
+    Postgres,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Token exchanges per second (API key → mandate) with warm caches.
+    Sts {
+        #[arg(long, value_enum, default_value = "postgres")]
+        store: Store,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 32)]
+        workers: usize,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Sts {
+                store,
+                seconds,
+                workers,
+            } => sts(store, seconds, workers).await,
+        }
+    });
+}
+
+struct System {
+    rt: Runtime,
+    db: Option<TestDb>,
+    sd: Shutdown,
+    control: String,
+    admin: String,
+    tenant: String,
+    client: HttpClient,
+}
+
+async fn system(store: Store) -> System {
+    let backend = match store {
+        Store::Sqlite => Backend::Sqlite,
+        Store::Postgres => Backend::Postgres,
+    };
+    let db = TestDb::new(backend).await.expect("database");
+    let bus = if store == Store::Sqlite {
+        BusBackend::Embedded
+    } else {
+        BusBackend::Redis
+    };
+    let mut cfg = testing::test_config(&db.url, bus);
+    cfg.telemetry.log_level = "warn".into();
+    let sd = Shutdown::new();
+    let rt = Runtime::start(cfg, sd.clone()).await.expect("runtime");
+    rt.spawn_relay();
+    let admin = caracal_control::bootstrap_admin_token(&rt).await.unwrap().unwrap();
+    let cl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let control = format!("http://{}", cl.local_addr().unwrap());
+    let rt2 = rt.clone();
+    tokio::spawn(async move { caracal_control::serve(rt2, cl).await });
+    let client = HttpClient::unrestricted();
+    let mut s = System {
+        rt,
+        db: Some(db),
+        sd,
+        control,
+        admin,
+        tenant: String::new(),
+        client,
+    };
+    s.tenant = s.api(Method::POST, "/v1/tenants", json!({"name": "bench"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s
+}
+
+impl System {
+    async fn api(&self, m: Method, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let auth = format!("Bearer {}", self.admin);
+        let mut h = vec![("authorization", auth.as_str())];
+        if !self.tenant.is_empty() {
+            h.push(("x-caracal-tenant", self.tenant.as_str()));
+        }
+        let r = self
+            .client
+            .send_json(m, &format!("{}{path}", self.control), &h, &body)
+            .await
+            .unwrap();
+        assert!(r.status.is_success(), "{path}: {}", r.text());
+        r.json_value()
+    }
+
+    async fn stop(mut self) {
+        self.sd.trigger();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.rt.store.close().await;
+        if let Some(db) = self.db.take() {
+            db.cleanup().await;
+        }
+    }
+}
+
+async fn sts(store: Store, seconds: u64, workers: usize) {
+    let sys = system(store).await;
+    let res = sys
+        .api(
+            Method::POST,
+            "/v1/resources",
+            json!({"name": "openai", "base_url": "https://api.openai.com"}),
+        )
+        .await;
+    let pol = sys
+        .api(
+            Method::POST,
+            "/v1/policies",
+            json!({"name": "chat", "activate": true, "document": "rules:\n  - id: chat\n    scopes: [chat]\n    methods: [POST]\n    paths: [\"/v1/chat/completions\"]\n    models: [\"gpt-4o*\"]\n  - id: read\n    scopes: [read]\n    methods: [GET]\n    paths: [\"/v1/**\"]\n  - id: no-admin\n    effect: deny\n    paths: [\"/v1/admin/**\"]\n"}),
+        )
+        .await;
+    let agent = sys.api(Method::POST, "/v1/agents", json!({"name": "bench"})).await;
+    let aid = agent["id"].as_str().unwrap();
+    let key = sys
+        .api(Method::POST, &format!("/v1/agents/{aid}/api-keys"), json!({}))
+        .await["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    sys.api(
+        Method::POST,
+        "/v1/grants",
+        json!({"agent_id": aid, "resource_id": res["id"], "policy_id": pol["policy"]["id"], "scopes": ["*"]}),
+    )
+    .await;
+
+    let sl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = sl.local_addr().unwrap();
+    let rt2 = sys.rt.clone();
+    tokio::spawn(async move { caracal_sts::serve(rt2, sl).await });
+    let c = sys.client.clone();
+    assert!(
+        testing::eventually(Duration::from_secs(20), || {
+            let c = c.clone();
+            async move {
+                c.get(&format!("http://{addr}/readyz"))
+                    .await
+                    .map(|r| r.status == 200)
+                    .unwrap_or(false)
+            }
+        })
+        .await
+    );
+
+    let body = Bytes::from(format!(
+        "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&subject_token_type=urn%3Acaracal%3Aparams%3Aoauth%3Atoken-type%3Aapi-key&subject_token={key}"
+    ));
+    let make: MakeRequest = Arc::new(move || {
+        http::Request::post("/oauth/token")
+            .header("host", "sts")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(body.clone()))
+            .unwrap()
+    });
+    let warm = closed_loop(addr, workers, Duration::from_secs(2), make.clone()).await;
+    assert_eq!(warm.non_2xx, 0, "warm-up failed: {}", warm.summary());
+    let s = closed_loop(addr, workers, Duration::from_secs(seconds), make).await;
+    let label = match store {
+        Store::Sqlite => "SQLite + embedded bus",
+        Store::Postgres => "Postgres + Redis",
+    };
+    println!("machine: {}", machine());
+    println!("STS token exchange (API key → mandate), {label}, {workers} keep-alive connections, {seconds}s:");
+    println!("  {}", s.summary());
+    println!(
+        "| STS mints, {label} | {:.0}/s | {} | {} | {} |",
+        s.rps(),
+        caracal_bench::fmt(s.pct(50.0)),
+        caracal_bench::fmt(s.pct(99.0)),
+        s.errors + s.non_2xx
+    );
+    sys.stop().await;
+}

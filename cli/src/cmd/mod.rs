@@ -1,0 +1,59 @@
+//! Command definitions and dispatch.
+
+mod dev;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "caracal", version, about = "Caracal: pre-execution authority for AI agents")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run every service in one process on SQLite and the embedded bus (no external service).
+    Dev(dev::DevArgs),
+    /// Run one service (or all) against the configured database and bus (production).
+    Serve {
+        #[arg(value_enum)]
+        service: Service,
+        /// Configuration file (TOML); `CARACAL__SECTION__KEY` variables override it.
+        #[arg(long, short, env = "CARACAL_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Apply database migrations and exit.
+    Migrate {
+        #[arg(long, short, env = "CARACAL_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file and print every problem.
+    CheckConfig {
+        #[arg(long, short, env = "CARACAL_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Gateway,
+    Sts,
+    Control,
+    Coordinator,
+    Audit,
+    All,
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Dev(args) => dev::run(args),
+        Command::Serve { service, config } => serve::run_serve(service, config),
+        Command::Migrate { config } => serve::run_migrate(config),
+        Command::CheckConfig { config } => serve::run_check(config),
+    }
+}

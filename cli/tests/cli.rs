@@ -1,0 +1,134 @@
+//! The `caracal` binary as a newcomer runs it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use caracal_shared::http::client::HttpClient;
+
+fn caracal() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_caracal"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_serves_all_five_services_and_stops_cleanly_on_ctrl_c() {
+    let dir = std::env::temp_dir().join(format!("caracal-dev-{}", uuid::Uuid::new_v4().simple()));
+    let started = Instant::now();
+    let mut child = caracal()
+        .arg("dev")
+        .arg("--data-dir")
+        .arg(&dir)
+        .env("CARACAL__CONTROL__LISTEN", "127.0.0.1:0")
+        .env("CARACAL__STS__LISTEN", "127.0.0.1:0")
+        .env("CARACAL__COORDINATOR__LISTEN", "127.0.0.1:0")
+        .env("CARACAL__AUDIT__LISTEN", "127.0.0.1:0")
+        .env("CARACAL__GATEWAY__LISTEN", "127.0.0.1:0")
+        .env("CARACAL__GATEWAY__ADMIN_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Read the banner: "  <name>   http://<addr>".
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut addrs = std::collections::BTreeMap::new();
+    while addrs.len() < 6 {
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("banner");
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if parts.len() == 2 && parts[1].starts_with("http://") {
+            addrs.insert(parts[0].to_string(), parts[1].to_string());
+        }
+    }
+    let c = HttpClient::unrestricted();
+    for name in ["control", "sts", "coordinator", "audit", "gateway-admin"] {
+        let r = c.get(&format!("{}/healthz", addrs[name])).await.unwrap();
+        assert_eq!(r.status, 200, "{name}");
+        let r = c.get(&format!("{}/readyz", addrs[name])).await.unwrap();
+        assert_eq!(r.status, 200, "{name} ready");
+        let r = c.get(&format!("{}/metrics", addrs[name])).await.unwrap();
+        assert!(r.text().contains("caracal_build_info"), "{name} metrics");
+    }
+    assert!(started.elapsed() < Duration::from_secs(30), "up within seconds");
+    // The proxy refuses what carries no mandate (fail closed).
+    let gw = addrs["gateway"].trim_start_matches("http://").to_string();
+    let r = c.get(&format!("http://{gw}/anything")).await.unwrap();
+    assert_eq!(r.status, 407);
+
+    Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "caracal dev did not stop on Ctrl-C");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "clean exit, got {status:?}");
+    // The data directory holds the database and the generated (private) keys.
+    assert!(dir.join("caracal.db").exists());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("dev-keys.toml"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "dev keys are private");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn malformed_config_exits_non_zero_listing_every_problem() {
+    let dir = std::env::temp_dir().join(format!("caracal-cfg-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        "[database]\nurl = \"mysql://nope\"\n[bus]\nbackend = \"kafka\"\n[control]\nlisten = \"not-an-address\"\n[gatway]\nthreads = 1\n",
+    )
+    .unwrap();
+    let out = caracal()
+        .arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "database.url",
+        "bus.backend",
+        "control.listen",
+        "gatway.threads: unknown setting",
+    ] {
+        assert!(err.contains(needle), "missing {needle} in {err}");
+    }
+    // The same check runs before serving.
+    let out = caracal()
+        .arg("serve")
+        .arg("control")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = caracal()
+        .arg("check-config")
+        .arg("--config")
+        .arg(dir.join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(dir);
+}
