@@ -257,20 +257,15 @@ impl Front {
             }
         };
         let _ = r;
-        let upstream =
-            match tokio::time::timeout(gw.rt.config.gateway.upstream_connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => s,
-                _ => {
-                    gw.metrics.upstream_errors.with_label_values(&["tunnel_connect"]).inc();
-                    write_error(
-                        &mut client,
-                        &Error::new(ErrorCode::UpstreamUnreachable, "the destination could not be reached"),
-                        &head.request_id,
-                    )
-                    .await;
-                    return;
-                }
-            };
+        let cfg = &gw.rt.config.gateway;
+        let upstream = match crate::forward::dial(addr, &cfg.upstream_bind, cfg.upstream_connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                gw.metrics.upstream_errors.with_label_values(&["tunnel_connect"]).inc();
+                write_error(&mut client, &e, &head.request_id).await;
+                return;
+            }
+        };
         let _ = upstream.set_nodelay(true);
         // Pingora's stream buffers writes: flush, or the client never sees the 200.
         let established = async {

@@ -6,7 +6,7 @@
 //! chunk by chunk (never buffered).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Key {
@@ -30,6 +30,34 @@ pub struct Forwarder {
     idle: Mutex<HashMap<Key, Vec<SendRequest<Full<Bytes>>>>>,
     system_roots: Arc<rustls::ClientConfig>,
     connect_timeout: Duration,
+    bind: Vec<IpAddr>,
+}
+
+/// Connect to a checked upstream address, from the configured source address of its family
+/// (`gateway.upstream_bind`), within `timeout`.
+pub async fn dial(addr: SocketAddr, bind: &[IpAddr], timeout: Duration) -> Result<TcpStream> {
+    let connect = async {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(src) = bind.iter().find(|b| b.is_ipv4() == addr.is_ipv4()) {
+            socket.bind(SocketAddr::new(*src, 0))?;
+        }
+        socket.connect(addr).await
+    };
+    let tcp = tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| Error::new(ErrorCode::UpstreamTimeout, "connecting to the upstream timed out"))?
+        .map_err(|e| {
+            Error::new(
+                ErrorCode::UpstreamUnreachable,
+                format!("cannot connect to the upstream: {e}"),
+            )
+        })?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 /// Returns a connection to the pool once its response has been read completely.
@@ -64,7 +92,7 @@ fn tls_config(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig> {
 }
 
 impl Forwarder {
-    pub fn new(connect_timeout: Duration) -> Result<Arc<Forwarder>> {
+    pub fn new(connect_timeout: Duration, bind: Vec<IpAddr>) -> Result<Arc<Forwarder>> {
         let mut roots = rustls::RootCertStore::empty();
         if pingora::tls::load_platform_certs_incl_env_into_store(&mut roots).is_err() || roots.is_empty() {
             roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -73,6 +101,7 @@ impl Forwarder {
             idle: Mutex::new(HashMap::new()),
             system_roots: Arc::new(tls_config(roots)?),
             connect_timeout,
+            bind,
         }))
     }
 
@@ -133,16 +162,7 @@ impl Forwarder {
         sni: Option<&str>,
         ca_der: Option<&[Vec<u8>]>,
     ) -> Result<SendRequest<Full<Bytes>>> {
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| Error::new(ErrorCode::UpstreamTimeout, "connecting to the upstream timed out"))?
-            .map_err(|e| {
-                Error::new(
-                    ErrorCode::UpstreamUnreachable,
-                    format!("cannot connect to the upstream: {e}"),
-                )
-            })?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = dial(addr, &self.bind, self.connect_timeout).await?;
         let unreachable = |e: hyper::Error| {
             Error::new(
                 ErrorCode::UpstreamUnreachable,

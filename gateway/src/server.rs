@@ -148,11 +148,25 @@ pub async fn start_with(
             .display()
             .to_string(),
         upstream_keepalive_pool_size: 256,
+        client_bind_to_ipv4: cfg
+            .gateway
+            .upstream_bind
+            .iter()
+            .filter(|a| a.is_ipv4())
+            .map(|a| a.to_string())
+            .collect(),
+        client_bind_to_ipv6: cfg
+            .gateway
+            .upstream_bind
+            .iter()
+            .filter(|a| a.is_ipv6())
+            .map(|a| a.to_string())
+            .collect(),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let fwd = Forwarder::new(cfg.gateway.upstream_connect_timeout)?;
+    let fwd = Forwarder::new(cfg.gateway.upstream_connect_timeout, cfg.gateway.upstream_bind.clone())?;
     let forward = Proxy {
         gw: gw.clone(),
         mode: Mode::Forward,

@@ -242,6 +242,9 @@ pub fn test_config(db_url: &str, bus: BusBackend) -> Config {
     c.keys.pepper = Some(KeyRing::generate("pepper-test"));
     c.http.rate_limit_per_sec = 100_000;
     c.http.rate_limit_burst = 100_000;
+    // Upstream connections leave from loopback: the kernel refuses to route them anywhere
+    // else, so no test packet can leave the machine whatever the egress guard decides.
+    c.gateway.upstream_bind = vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
     c
 }
 

@@ -112,7 +112,7 @@ pub async fn upstream() -> Upstream {
                         let mut resp = http::Response::new(Full::new(Bytes::from(
                             json!({"ok": true, "target": target, "len": body.len()}).to_string(),
                         )));
-                        if target == "/redirect" {
+                        if target.ends_with("/redirect") {
                             *resp.status_mut() = http::StatusCode::FOUND;
                             resp.headers_mut()
                                 .insert("location", "http://169.254.169.254/latest/meta-data/".parse().unwrap());

@@ -8,7 +8,7 @@ pub mod source;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -211,6 +211,10 @@ pub struct GatewayConfig {
     pub tls_listen: Option<SocketAddr>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Source addresses for upstream connections (one per family at most; empty: the
+    /// system's choice). Pins egress to known addresses for firewalls; tests bind loopback so
+    /// that no packet can leave the machine even if the egress guard were broken.
+    pub upstream_bind: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -427,7 +431,23 @@ impl Config {
             }),
             tls_cert: src.opt("gateway.tls_cert"),
             tls_key: src.opt("gateway.tls_key"),
+            upstream_bind: src
+                .get::<Vec<String>>("gateway.upstream_bind", Vec::new())
+                .iter()
+                .filter_map(|a| match a.parse::<IpAddr>() {
+                    Ok(ip) => Some(ip),
+                    Err(_) => {
+                        src.invalid("gateway.upstream_bind", format!("{a:?} is not an IP address"));
+                        None
+                    }
+                })
+                .collect(),
         };
+        if gateway.upstream_bind.iter().filter(|a| a.is_ipv4()).count() > 1
+            || gateway.upstream_bind.iter().filter(|a| a.is_ipv6()).count() > 1
+        {
+            src.invalid("gateway.upstream_bind", "at most one IPv4 and one IPv6 address");
+        }
         for (i, sc) in gateway.sidecars.iter().enumerate() {
             if sc.listen.parse::<SocketAddr>().is_err() {
                 src.invalid(&format!("gateway.sidecars[{i}].listen"), "not a socket address");
