@@ -43,22 +43,29 @@ pub struct Front {
 #[async_trait]
 impl ServerApp for Front {
     async fn process_new(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let mut b = [0u8; 8];
-        let peeked = tokio::time::timeout(Duration::from_secs(60), stream.try_peek(&mut b)).await;
-        match peeked {
-            Ok(Ok(true)) if &b == b"CONNECT " => {
-                self.tunnel(stream).await;
-                None
+        let first_request = Duration::from_secs(60);
+        let (stream, connect) = if stream.get_ssl().is_some() {
+            // The mTLS listener: Pingora cannot peek into TLS, so read the first bytes and put
+            // them back in front of the stream.
+            let prefix = crate::mtls::read_prefix(&mut stream, 8, first_request).await.ok()?;
+            let connect = prefix == b"CONNECT ";
+            (Box::new(crate::mtls::Rewound::new(prefix, stream)) as Stream, connect)
+        } else {
+            let mut b = [0u8; 8];
+            match tokio::time::timeout(first_request, stream.try_peek(&mut b)).await {
+                Ok(Ok(peeked)) => (stream, peeked && &b == b"CONNECT "),
+                _ => return None,
             }
-            Ok(Ok(_)) => {
-                let mut next = self.proxy.process_new(stream, shutdown).await;
-                while let Some(s) = next {
-                    next = self.proxy.process_new(s, shutdown).await;
-                }
-                None
-            }
-            _ => None,
+        };
+        if connect {
+            self.tunnel(stream).await;
+            return None;
         }
+        let mut next = self.proxy.process_new(stream, shutdown).await;
+        while let Some(s) = next {
+            next = self.proxy.process_new(s, shutdown).await;
+        }
+        None
     }
 }
 
@@ -172,6 +179,7 @@ impl Front {
         let source: Option<IpAddr> = client
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet().map(|i| i.ip())));
+        let cert = crate::mtls::peer_cert_of(client.get_ssl_digest().as_deref());
         let head = match read_head(&mut client).await {
             Ok(h) => h,
             Err(e) => {
@@ -203,7 +211,7 @@ impl Front {
                 .as_ref()
                 .ok_or_else(|| (Error::bad_request("CONNECT target must be host:port"), None, None))?;
             let c = gw
-                .authenticate(head.secret.as_deref())
+                .authenticate(head.secret.as_deref(), cert.as_deref())
                 .await
                 .map_err(|e| (e, None, None))?;
             let r = self

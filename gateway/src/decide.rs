@@ -25,6 +25,7 @@ use caracal_shared::time::now_secs;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::mtls::PeerCert;
 use crate::state::{Cached, Gateway, ResourceEntry};
 
 /// Where a request is going, as the client asked.
@@ -119,8 +120,9 @@ pub fn body_facts(body: &[u8]) -> (String, String) {
 }
 
 impl Gateway {
-    /// Steps 1-2: who, with which mandate.
-    pub async fn authenticate(&self, secret: Option<&str>) -> Result<Arc<Cached>> {
+    /// Steps 1-2: who, with which mandate. A secret (mandate or API key) in the request wins;
+    /// without one, a client certificate verified by the mTLS listener is exchanged.
+    pub async fn authenticate(&self, secret: Option<&str>, cert: Option<&PeerCert>) -> Result<Arc<Cached>> {
         if self.revocations.is_stale() {
             return Err(Error::new(
                 ErrorCode::RevocationFeedStale,
@@ -128,19 +130,29 @@ impl Gateway {
             )
             .with_retry_after(1));
         }
-        let secret = secret.ok_or_else(|| Error::new(ErrorCode::MandateMissing, "a mandate or API key is required"))?;
-        let c = if mandate::is_mandate(secret) {
-            self.verify_mandate(secret).await?
-        } else if secret.starts_with(caracal_shared::store::agents::API_KEY_PREFIX) {
-            self.mandate_for_api_key(secret).await?
-        } else {
-            return Err(Error::new(
-                ErrorCode::MandateInvalid,
-                "the credential is neither a mandate nor an API key",
-            ));
+        let c = match (secret, cert) {
+            (Some(secret), _) if mandate::is_mandate(secret) => self.verify_mandate(secret).await?,
+            (Some(secret), _) if secret.starts_with(caracal_shared::store::agents::API_KEY_PREFIX) => {
+                self.mandate_for_api_key(secret).await?
+            }
+            (Some(_), _) => {
+                return Err(Error::new(
+                    ErrorCode::MandateInvalid,
+                    "the credential is neither a mandate nor an API key",
+                ));
+            }
+            (None, Some(cert)) => self.mandate_for_cert(cert).await?,
+            (None, None) => {
+                return Err(Error::new(
+                    ErrorCode::MandateMissing,
+                    "a mandate or API key is required",
+                ));
+            }
         };
         if c.m.claims.expires_at <= now_secs() {
-            self.mandates.invalidate(secret);
+            if let Some(secret) = secret {
+                self.mandates.invalidate(secret);
+            }
             return Err(Error::new(ErrorCode::MandateExpired, "the mandate has expired"));
         }
         if c.is_revoked(&self.revocations) {

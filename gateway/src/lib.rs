@@ -8,11 +8,13 @@
 //! - [`proxy`]: the `ProxyHttp` request path (forward proxy and sidecars).
 //! - [`connect`]: CONNECT tunnels (`HTTPS_PROXY`).
 //! - [`forward`]: the gateway's own forwarder for large inspected bodies.
+//! - [`mtls`]: the mTLS listener (client certificates as a way in).
 
 pub mod connect;
 pub mod decide;
 pub mod forward;
 pub mod metrics;
+pub mod mtls;
 pub mod proxy;
 pub mod revocation;
 pub mod server;

@@ -258,7 +258,11 @@ impl Proxy {
         ctx: &mut Ctx,
     ) -> Result<Decision, (Error, Partial)> {
         let gw = &self.gw;
-        let c = gw.authenticate(secret).await.map_err(|e| (e, Partial::default()))?;
+        let cert = crate::mtls::peer_cert_of(session.digest().and_then(|d| d.ssl_digest.as_deref()));
+        let c = gw
+            .authenticate(secret, cert.as_deref())
+            .await
+            .map_err(|e| (e, Partial::default()))?;
         let (r, path) = gw.select(&c, t, bound).map_err(|e| {
             (
                 e,

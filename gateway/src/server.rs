@@ -179,6 +179,9 @@ pub async fn start_with(
     };
     let mut svc = pingora::services::listening::Service::new("caracal-gateway".to_string(), front);
     svc.add_tcp(&proxy_addr.to_string());
+    if let Some(addr) = cfg.gateway.tls_listen {
+        svc.add_tls_with_settings(&addr.to_string(), None, mtls_settings(&cfg.gateway, &gw)?);
+    }
     server.add_service(svc);
     for (sc, addr) in cfg.gateway.sidecars.iter().zip(&sidecar_addrs) {
         let p = Proxy {
@@ -209,7 +212,10 @@ pub async fn start_with(
         .map_err(|e| Error::new(ErrorCode::Internal, format!("cannot start the gateway thread: {e}")))?;
 
     // Readiness: poll until every listener accepts connections.
-    for addr in std::iter::once(proxy_addr).chain(sidecar_addrs.iter().copied()) {
+    for addr in std::iter::once(proxy_addr)
+        .chain(sidecar_addrs.iter().copied())
+        .chain(cfg.gateway.tls_listen)
+    {
         let mut up = false;
         for _ in 0..500 {
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -272,6 +278,28 @@ pub async fn start_with(
         admin: Some(admin_task),
         admin_stop,
     })
+}
+
+/// TLS for the mTLS listener: the configured server certificate, client certificates verified
+/// against every tenant's trusted CAs (optional at the TLS layer), the leaf kept per connection.
+fn mtls_settings(
+    cfg: &caracal_shared::config::GatewayConfig,
+    gw: &Gateway,
+) -> Result<pingora::listeners::tls::TlsSettings> {
+    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
+        return Err(Error::validation(
+            "gateway.tls_listen needs gateway.tls_cert and gateway.tls_key",
+        ));
+    };
+    let bad = |what: &str, e: pingora::BError| Error::validation(format!("{what}: {e}"));
+    let mut tls = pingora::listeners::tls::TlsSettings::with_callbacks(Box::new(crate::mtls::CertCapture))
+        .map_err(|e| bad("gateway TLS", e))?;
+    tls.set_certificate_chain_file(&cert.display().to_string())
+        .map_err(|e| bad("gateway.tls_cert", e))?;
+    tls.set_private_key_file(&key.display().to_string())
+        .map_err(|e| bad("gateway.tls_key", e))?;
+    tls.set_client_cert_verifier(gw.client_verifier.clone());
+    Ok(tls)
 }
 
 async fn spawn_feeds(gw: &Arc<Gateway>, rev_start: String) {

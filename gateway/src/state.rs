@@ -31,7 +31,14 @@ use caracal_shared::time::now_secs;
 use http::HeaderValue;
 use http::header::HeaderName;
 
+use caracal_shared::http::signing::RequestSigner;
+use caracal_shared::tls::DynamicClientVerifier;
+
 use crate::metrics::Metrics;
+use crate::mtls::PeerCert;
+
+const TT_API_KEY: &str = "urn:caracal:params:oauth:token-type:api-key";
+const TT_MTLS: &str = "urn:caracal:params:oauth:token-type:mtls";
 use crate::revocation::RevocationSet;
 
 /// How the resource's credential is added to forwarded requests.
@@ -244,6 +251,10 @@ pub struct Gateway {
     pub resolver: Arc<dyn Resolver>,
     pub own: Vec<SocketAddr>,
     pub sts: HttpClient,
+    /// Whether requests to the STS are signed (keys.internal is configured).
+    sts_signed: bool,
+    /// Trust anchors of the mTLS listener (every tenant's client CAs, refreshed on reload).
+    pub client_verifier: Arc<DynamicClientVerifier>,
     pub seal: KeyRing,
     compiled: moka::sync::Cache<(PolicyId, i64), Arc<CompiledPolicy>>,
 }
@@ -290,7 +301,14 @@ impl Gateway {
             metrics,
             resolver,
             own,
-            sts: HttpClient::new(Arc::new(sts_guard)).with_timeout(Duration::from_secs(10)),
+            sts: match rt.config.keys.internal.clone() {
+                Some(k) => HttpClient::new(Arc::new(sts_guard))
+                    .with_timeout(Duration::from_secs(10))
+                    .with_signer(RequestSigner::new(k, "gateway")),
+                None => HttpClient::new(Arc::new(sts_guard)).with_timeout(Duration::from_secs(10)),
+            },
+            sts_signed: rt.config.keys.internal.is_some(),
+            client_verifier: DynamicClientVerifier::new(&[])?,
             seal,
             compiled: moka::sync::Cache::builder().max_capacity(10_000).build(),
             rt,
@@ -322,6 +340,9 @@ impl Gateway {
                 }
                 Err(e) => tracing::error!(resource = %id, error = %e, "unusable resource"),
             }
+        }
+        if let Err(e) = self.client_verifier.update(&store.all_mtls_cas().await?) {
+            tracing::error!(error = %e, "cannot rebuild the trusted client CAs");
         }
         for t in store.list_all_tenants(100_000).await? {
             snap.tenants.insert(t.name.clone(), t.id);
@@ -397,18 +418,43 @@ impl Gateway {
     /// Exchange an API key with the STS for a mandate — once per mandate lifetime: the result
     /// is cached and renewed when less than a fifth of its life remains.
     pub async fn mandate_for_api_key(&self, key: &str) -> Result<Arc<Cached>> {
-        let h = caracal_shared::crypto::sha256(key.as_bytes());
-        if let Some(c) = self.exchanged.get(&h).await {
+        let cache_key = caracal_shared::crypto::sha256(key.as_bytes());
+        self.exchange_cached(cache_key, TT_API_KEY, key).await
+    }
+
+    /// Exchange a client certificate verified by the mTLS listener (the request to the STS is
+    /// signed with the internal key: the STS trusts the gateway's attestation that the holder
+    /// proved its key, and checks the chain and identity itself). Cached like API keys.
+    pub async fn mandate_for_cert(&self, cert: &PeerCert) -> Result<Arc<Cached>> {
+        if !self.sts_signed {
+            return Err(Error::new(
+                ErrorCode::Unavailable,
+                "client certificates need keys.internal (to sign the exchange with the STS)",
+            ));
+        }
+        let mut key = b"client-certificate:".to_vec();
+        key.extend_from_slice(&cert.fingerprint);
+        let cache_key = caracal_shared::crypto::sha256(&key);
+        self.exchange_cached(cache_key, TT_MTLS, &caracal_shared::crypto::b64url(&cert.der))
+            .await
+    }
+
+    async fn exchange_cached(
+        &self,
+        cache_key: [u8; 32],
+        subject_type: &str,
+        subject_token: &str,
+    ) -> Result<Arc<Cached>> {
+        if let Some(c) = self.exchanged.get(&cache_key).await {
             let left = c.m.claims.expires_at - now_secs();
             let life = (c.m.claims.expires_at - c.m.claims.issued_at).max(1);
             if left * 5 > life {
                 return Ok(c);
             }
-            self.exchanged.invalidate(&h).await;
+            self.exchanged.invalidate(&cache_key).await;
         }
-        let key = key.to_string();
         self.exchanged
-            .try_get_with(h, async {
+            .try_get_with(cache_key, async {
                 let url = format!("{}/oauth/token", self.rt.config.gateway.sts_url.trim_end_matches('/'));
                 let r = self
                     .sts
@@ -417,8 +463,8 @@ impl Gateway {
                         &[],
                         &[
                             ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
-                            ("subject_token_type", "urn:caracal:params:oauth:token-type:api-key"),
-                            ("subject_token", &key),
+                            ("subject_token_type", subject_type),
+                            ("subject_token", subject_token),
                         ],
                     )
                     .await

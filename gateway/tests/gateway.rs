@@ -30,6 +30,7 @@ on_both_backends!(
     real_clients_curl_and_python,
     sidecar_mode,
     large_inspected_bodies_are_forwarded_whole,
+    mtls_listener_takes_client_certificates,
 );
 
 fn auth(secret: &str) -> String {
@@ -865,4 +866,161 @@ async fn large_inspected_bodies_are_forwarded_whole(b: Backend) {
         .await;
     assert_eq!(r.status, 200);
     env.stop().await;
+}
+
+async fn mtls_listener_takes_client_certificates(b: Backend) {
+    use caracal_shared::testing::pki::Ca;
+    let server_ca = Ca::new("gateway server ca");
+    let server = server_ca.server(&["127.0.0.1", "localhost"]);
+    let dir = std::env::temp_dir().join(format!("caracal-gw-tls-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let (cert, key, server_ca_file) = (
+        write("cert.pem", &server.cert_pem),
+        write("key.pem", &server.key_pem),
+        write("server-ca.pem", &server_ca.pem()),
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (c2, k2) = (cert.clone(), key.clone());
+    let Some(env) = start(b, move |c| {
+        c.gateway.tls_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+        c.gateway.tls_cert = Some(c2.into());
+        c.gateway.tls_key = Some(k2.into());
+    })
+    .await
+    else {
+        return;
+    };
+    // The agent's workload identity: a certificate under the tenant's CA.
+    let client_ca = Ca::new("acme workloads");
+    let ca = env
+        .api(
+            Method::POST,
+            "/v1/mtls-cas",
+            Some(json!({"name": "acme", "ca_pem": client_ca.pem()})),
+        )
+        .await
+        .json_value();
+    let r = env
+        .api(
+            Method::POST,
+            &format!("/v1/agents/{}/identities", env.agent),
+            Some(json!({"kind": "mtls", "ca_id": ca["id"], "match": "san_uri", "subject": "spiffe://acme/bot"})),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text());
+    let good = client_ca.client("spiffe://acme/bot", "bot");
+    let (good_cert, good_key) = (write("bot.pem", &good.cert_pem), write("bot.key", &good.key_pem));
+    let stranger_ca = Ca::new("someone else");
+    let stranger = stranger_ca.client("spiffe://acme/bot", "bot");
+    let (bad_cert, bad_key) = (write("x.pem", &stranger.cert_pem), write("x.key", &stranger.key_pem));
+    let proxy = format!("https://127.0.0.1:{port}");
+    let url = format!("{}/v1/models", env.api_url());
+    let curl = |extra: Vec<String>| {
+        let mut args: Vec<String> = vec![
+            "-sS".into(),
+            "--max-time".into(),
+            "10".into(),
+            "--proxy".into(),
+            proxy.clone(),
+            "--proxy-cacert".into(),
+            server_ca_file.clone(),
+        ];
+        args.extend(extra);
+        async move { tokio::process::Command::new("curl").args(&args).output().await.unwrap() }
+    };
+    let with_cert = |c: &str, k: &str| {
+        vec![
+            "--proxy-cert".to_string(),
+            c.to_string(),
+            "--proxy-key".to_string(),
+            k.to_string(),
+        ]
+    };
+
+    // The gateway picks up the new CA with its next snapshot reload.
+    let mut out = None;
+    for _ in 0..200 {
+        let o = curl([with_cert(&good_cert, &good_key), vec![url.clone()]].concat()).await;
+        if String::from_utf8_lossy(&o.stdout).contains("\"ok\":true") {
+            out = Some(o);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        out.is_some(),
+        "a request with the agent's client certificate is allowed"
+    );
+    assert_eq!(
+        env.upstream.last().headers["authorization"],
+        "Bearer sk-upstream-secret-42"
+    );
+    // CONNECT over the TLS listener, with the certificate as the only credential.
+    let o = curl([with_cert(&good_cert, &good_key), vec!["-p".into(), url.clone()]].concat()).await;
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("\"ok\":true"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        env.audited(|e| e["kind"] == "connect" && e["decision"] == "allow")
+            .await
+    );
+    // Several requests, one exchange with the STS.
+    for _ in 0..3 {
+        let o = curl([with_cert(&good_cert, &good_key), vec![url.clone()]].concat()).await;
+        assert!(String::from_utf8_lossy(&o.stdout).contains("\"ok\":true"));
+    }
+    let mints: Vec<_> = env
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.body["type"] == "mint" && e.body["via"] == "mtls")
+        .collect();
+    assert_eq!(mints.len(), 1, "one exchange per mandate lifetime: {mints:?}");
+    // No certificate and no other credential: 407.
+    let o = curl(vec![
+        "-o".into(),
+        "/dev/null".into(),
+        "-w".into(),
+        "%{http_code}".into(),
+        url.clone(),
+    ])
+    .await;
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "407");
+    // A certificate from an untrusted CA fails the handshake.
+    let o = curl([with_cert(&bad_cert, &bad_key), vec![url.clone()]].concat()).await;
+    assert!(
+        !o.status.success(),
+        "an untrusted client certificate is refused at the TLS layer"
+    );
+    // A trusted CA but no identity mapped: refused by the STS, 407 at the gateway.
+    let unmapped = client_ca.client("spiffe://acme/nobody", "nobody");
+    let (u_cert, u_key) = (write("u.pem", &unmapped.cert_pem), write("u.key", &unmapped.key_pem));
+    let o = curl(
+        [
+            with_cert(&u_cert, &u_key),
+            vec![
+                "-o".into(),
+                "/dev/null".into(),
+                "-w".into(),
+                "%{http_code}".into(),
+                url.clone(),
+            ],
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "407");
+    env.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -30,5 +30,6 @@ pub mod store;
 pub mod telemetry;
 pub mod testing;
 pub mod time;
+pub mod tls;
 
 pub use error::{Error, ErrorCode, Result};

@@ -17,7 +17,8 @@ use caracal_shared::bus::consumer::{TailSpec, run_tail};
 use caracal_shared::bus::streams;
 use caracal_shared::crypto::KeyRing;
 use caracal_shared::error::{Error, ErrorCode, Result};
-use caracal_shared::http::{ApiRequest, Response, Router, json_response};
+use caracal_shared::http::signing::{self, RequestVerifier};
+use caracal_shared::http::{ApiRequest, ClientCert, Response, Router, json_response};
 use caracal_shared::ids::{ApprovalId, DelegationId};
 use caracal_shared::mandate::{MandateError, VerifiedMandate};
 use caracal_shared::ratelimit::RateLimiter;
@@ -76,6 +77,9 @@ pub struct State {
     /// Failed authentications, per (source address, claimed client).
     failures: RateLimiter<(IpAddr, String)>,
     pub metrics: Metrics,
+    /// Verifies service-signed requests (the gateway attesting a client certificate it
+    /// verified on its own mTLS listener). None without `keys.internal`.
+    internal: Option<RequestVerifier>,
 }
 
 impl State {
@@ -100,10 +104,45 @@ impl State {
                 audit,
                 failures: RateLimiter::new(per_min.div_ceil(60).max(1), per_min),
                 metrics: Metrics::new(registry),
+                internal: keys
+                    .internal
+                    .clone()
+                    .map(|k| RequestVerifier::new(k, std::time::Duration::from_secs(60))),
                 rt,
             },
             task,
         ))
+    }
+
+    /// A request signed by another Caracal service (the gateway) with the internal key. An
+    /// invalid signature is refused. With subject type mTLS, it carries a client certificate
+    /// the gateway's mTLS listener verified (the holder proved its key there); the STS checks
+    /// the chain and the identity mapping itself, exactly as for its own listener.
+    fn service_signed(
+        &self,
+        r: &ApiRequest,
+        body: &[u8],
+        f: &Form,
+    ) -> std::result::Result<Option<ClientCert>, OAuthError> {
+        let v = self
+            .internal
+            .as_ref()
+            .ok_or_else(|| OAuthError::invalid_client("service-signed requests are not accepted here"))?;
+        let target = r.parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        v.verify(&r.parts.headers, r.parts.method.as_str(), target, body)
+            .map_err(|e| OAuthError::invalid_client(e.message.to_string()))?;
+        if f.get("subject_token_type") != Some(TT_MTLS) {
+            return Ok(None);
+        }
+        let der = f
+            .get("subject_token")
+            .and_then(caracal_shared::crypto::b64url_decode)
+            .filter(|d| !d.is_empty() && d.len() <= 16 * 1024)
+            .ok_or_else(|| OAuthError::invalid_request("subject_token must be the certificate's DER, base64url"))?;
+        Ok(Some(ClientCert {
+            fingerprint: hex::encode(caracal_shared::crypto::sha256(&der)),
+            der,
+        }))
     }
 
     fn audit_refusal(&self, e: &OAuthError, r: &ApiRequest, subject_type: Option<&str>, who: Option<&Principal>) {
@@ -493,6 +532,12 @@ async fn token(s: Arc<State>, mut r: ApiRequest) -> Result<Response> {
             return Err(OAuthError::invalid_request("the request is too large"));
         }
         let f = Form::parse(&body)?;
+        if r.parts.headers.contains_key(signing::H_SIGNATURE)
+            && let Some(cert) = s.service_signed(&r, &body, &f)?
+            && r.ctx.client_cert.is_none()
+        {
+            r.ctx.client_cert = Some(cert);
+        }
         match f.require("grant_type")? {
             GT_TOKEN_EXCHANGE => s.exchange(&r, &f).await,
             GT_APPROVAL => s.poll_approval(&r, &f).await,

@@ -242,6 +242,29 @@ async fn bad_inputs_get_rfc6749_errors_and_audit_events(b: Backend) {
         ),
         (env.token(&[("grant_type", EXCHANGE)]).await, 400, "invalid_request"),
         (
+            // A forged service signature (a client pretending to be the gateway attesting a
+            // certificate): refused.
+            env.client
+                .post_form(
+                    &url,
+                    &[
+                        ("x-caracal-key-id", "internal-test"),
+                        ("x-caracal-timestamp", &caracal_shared::time::now_secs().to_string()),
+                        ("x-caracal-nonce", "AAAAAAAAAAAAAAAAAAAAAA"),
+                        ("x-caracal-signature", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+                    ],
+                    &[
+                        ("grant_type", EXCHANGE),
+                        ("subject_token_type", MTLS),
+                        ("subject_token", "AAAA"),
+                    ],
+                )
+                .await
+                .unwrap(),
+            401,
+            "invalid_client",
+        ),
+        (
             env.token(&[
                 ("grant_type", EXCHANGE),
                 ("subject_token_type", "urn:x:unknown"),
@@ -338,7 +361,7 @@ async fn bad_inputs_get_rfc6749_errors_and_audit_events(b: Backend) {
         );
         assert!(r.json_value()["error_description"].is_string(), "case {i}");
     }
-    assert!(cases[5].0.headers.contains_key("www-authenticate"));
+    assert!(cases[4].0.headers.contains_key("www-authenticate") && cases[6].0.headers.contains_key("www-authenticate"));
     // A valid mandate, truncated or with a flipped byte, is refused.
     let good = env.exchange_key(&key, &[]).await.json_value()["access_token"]
         .as_str()
