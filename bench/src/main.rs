@@ -27,6 +27,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+mod gateway;
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Store {
     /// SQLite and the embedded bus (caracal dev).
@@ -46,6 +48,27 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         workers: usize,
     },
+    /// Upstream directly vs a plain Pingora passthrough vs the governed gateway, in one run.
+    Gateway {
+        #[arg(long, value_enum, default_value = "sqlite")]
+        store: Store,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// Request rate of the fixed-rate (latency) part.
+        #[arg(long, default_value_t = 3000)]
+        rate: u64,
+    },
+}
+
+impl Store {
+    fn label(self) -> &'static str {
+        match self {
+            Store::Sqlite => "SQLite + embedded bus",
+            Store::Postgres => "Postgres + Redis",
+        }
+    }
 }
 
 fn main() {
@@ -61,11 +84,17 @@ fn main() {
                 seconds,
                 workers,
             } => sts(store, seconds, workers).await,
+            Cmd::Gateway {
+                store,
+                seconds,
+                connections,
+                rate,
+            } => gateway::run(store, seconds, connections, rate).await,
         }
     });
 }
 
-struct System {
+pub(crate) struct System {
     rt: Runtime,
     db: Option<TestDb>,
     sd: Shutdown,
@@ -73,6 +102,12 @@ struct System {
     admin: String,
     tenant: String,
     client: HttpClient,
+}
+
+impl System {
+    pub(crate) async fn start(store: Store) -> System {
+        system(store).await
+    }
 }
 
 async fn system(store: Store) -> System {
@@ -87,6 +122,13 @@ async fn system(store: Store) -> System {
         BusBackend::Redis
     };
     let mut cfg = testing::test_config(&db.url, bus);
+    // The STS the gateway would call for API keys (the benchmarks start it when they need it).
+    let sts_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    cfg.gateway.sts_url = format!("http://{}", sts_l.local_addr().unwrap());
+    cfg.data_dir = std::env::temp_dir().join(format!("caracal-bench-{}", std::process::id()));
+    // One agent drives all the load: its rate limit must not be what is measured.
+    cfg.gateway.agent_rate_per_sec = 10_000_000;
+    cfg.gateway.agent_rate_burst = 10_000_000;
     cfg.telemetry.log_level = "warn".into();
     let sd = Shutdown::new();
     let rt = Runtime::start(cfg, sd.clone()).await.expect("runtime");
@@ -96,6 +138,8 @@ async fn system(store: Store) -> System {
     let control = format!("http://{}", cl.local_addr().unwrap());
     let rt2 = rt.clone();
     tokio::spawn(async move { caracal_control::serve(rt2, cl).await });
+    let rt3 = rt.clone();
+    tokio::spawn(async move { caracal_sts::serve(rt3, sts_l).await });
     let client = HttpClient::unrestricted();
     let mut s = System {
         rt,
@@ -129,6 +173,60 @@ impl System {
         r.json_value()
     }
 
+    /// An agent with an API key and a grant of every scope on `res` under `pol`.
+    pub(crate) async fn agent_with_grant(
+        &self,
+        name: &str,
+        res: &serde_json::Value,
+        pol: &serde_json::Value,
+    ) -> (String, String) {
+        let agent = self.api(Method::POST, "/v1/agents", json!({ "name": name })).await;
+        let aid = agent["id"].as_str().unwrap().to_string();
+        let key = self
+            .api(Method::POST, &format!("/v1/agents/{aid}/api-keys"), json!({}))
+            .await["secret"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        self.api(
+            Method::POST,
+            "/v1/grants",
+            json!({"agent_id": aid, "resource_id": res["id"], "policy_id": pol["policy"]["id"], "scopes": ["*"]}),
+        )
+        .await;
+        (aid, key)
+    }
+
+    /// A mandate for an API key, from the STS.
+    pub(crate) async fn mandate(&self, key: &str) -> String {
+        let sts = self.rt.config.gateway.sts_url.clone();
+        let c = self.client.clone();
+        assert!(
+            testing::eventually(Duration::from_secs(20), || {
+                let c = c.clone();
+                let u = format!("{sts}/readyz");
+                async move { c.get(&u).await.map(|r| r.status == 200).unwrap_or(false) }
+            })
+            .await
+        );
+        let r = self
+            .client
+            .post_form(
+                &format!("{sts}/oauth/token"),
+                &[],
+                &[
+                    ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+                    ("subject_token_type", "urn:caracal:params:oauth:token-type:api-key"),
+                    ("subject_token", key),
+                    ("lifetime", "3600"),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json_value()["access_token"].as_str().unwrap().to_string()
+    }
+
     async fn stop(mut self) {
         self.sd.trigger();
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -155,38 +253,17 @@ async fn sts(store: Store, seconds: u64, workers: usize) {
             json!({"name": "chat", "activate": true, "document": "rules:\n  - id: chat\n    scopes: [chat]\n    methods: [POST]\n    paths: [\"/v1/chat/completions\"]\n    models: [\"gpt-4o*\"]\n  - id: read\n    scopes: [read]\n    methods: [GET]\n    paths: [\"/v1/**\"]\n  - id: no-admin\n    effect: deny\n    paths: [\"/v1/admin/**\"]\n"}),
         )
         .await;
-    let agent = sys.api(Method::POST, "/v1/agents", json!({"name": "bench"})).await;
-    let aid = agent["id"].as_str().unwrap();
-    let key = sys
-        .api(Method::POST, &format!("/v1/agents/{aid}/api-keys"), json!({}))
-        .await["secret"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    sys.api(
-        Method::POST,
-        "/v1/grants",
-        json!({"agent_id": aid, "resource_id": res["id"], "policy_id": pol["policy"]["id"], "scopes": ["*"]}),
-    )
-    .await;
-
-    let sl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = sl.local_addr().unwrap();
-    let rt2 = sys.rt.clone();
-    tokio::spawn(async move { caracal_sts::serve(rt2, sl).await });
-    let c = sys.client.clone();
-    assert!(
-        testing::eventually(Duration::from_secs(20), || {
-            let c = c.clone();
-            async move {
-                c.get(&format!("http://{addr}/readyz"))
-                    .await
-                    .map(|r| r.status == 200)
-                    .unwrap_or(false)
-            }
-        })
-        .await
-    );
+    let (_, key) = sys.agent_with_grant("bench", &res, &pol).await;
+    // Wait for the STS (started with the system) and check the key works.
+    let _ = sys.mandate(&key).await;
+    let addr: std::net::SocketAddr = sys
+        .rt
+        .config
+        .gateway
+        .sts_url
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
 
     let body = Bytes::from(format!(
         "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&subject_token_type=urn%3Acaracal%3Aparams%3Aoauth%3Atoken-type%3Aapi-key&subject_token={key}"
@@ -201,10 +278,7 @@ async fn sts(store: Store, seconds: u64, workers: usize) {
     let warm = closed_loop(addr, workers, Duration::from_secs(2), make.clone()).await;
     assert_eq!(warm.non_2xx, 0, "warm-up failed: {}", warm.summary());
     let s = closed_loop(addr, workers, Duration::from_secs(seconds), make).await;
-    let label = match store {
-        Store::Sqlite => "SQLite + embedded bus",
-        Store::Postgres => "Postgres + Redis",
-    };
+    let label = store.label();
     println!("machine: {}", machine());
     println!("STS token exchange (API key → mandate), {label}, {workers} keep-alive connections, {seconds}s:");
     println!("  {}", s.summary());

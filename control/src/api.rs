@@ -8,12 +8,11 @@ use caracal_shared::bus::streams;
 use caracal_shared::crypto::sha256;
 use caracal_shared::error::{Error, ErrorCode, Result};
 use caracal_shared::http::{ApiRequest, Response, json_response};
-use caracal_shared::ids::{AdminTokenId, TenantId};
+use caracal_shared::ids::TenantId;
 use caracal_shared::store::Tx;
-use caracal_shared::store::admin::{AdminScope, AdminToken, IdempotentResponse};
+use caracal_shared::store::admin::{AdminScope, IdempotentResponse};
 use caracal_shared::store::outbox::NewEvent;
 use caracal_shared::store::page::Cursor;
-use caracal_shared::time::now_micros;
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode};
 use serde::Serialize;
@@ -21,39 +20,7 @@ use serde_json::{Value, json};
 
 use crate::State;
 
-/// Header a platform token uses to act inside a tenant.
-pub const TENANT_HEADER: &str = "x-caracal-tenant";
-
-/// Who is calling, and in which tenant.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub token: AdminToken,
-    /// The tenant the request acts in (`None` only for platform-level endpoints).
-    pub tenant: Option<TenantId>,
-}
-
-impl Caller {
-    pub fn is_platform(&self) -> bool {
-        self.token.tenant_id.is_none()
-    }
-
-    /// The tenant, or a 400 explaining how to name one.
-    pub fn tenant(&self) -> Result<TenantId> {
-        self.tenant.ok_or_else(|| {
-            Error::bad_request(format!(
-                "this endpoint acts inside a tenant: platform tokens must send {TENANT_HEADER}: <tenant id>"
-            ))
-        })
-    }
-
-    pub fn actor(&self) -> Value {
-        json!({ "token_id": self.token.id, "token_name": self.token.name })
-    }
-
-    pub fn token_id(&self) -> AdminTokenId {
-        self.token.id
-    }
-}
+pub use caracal_shared::http::admin::{Caller, TENANT_HEADER};
 
 /// One state change: its kind (`agent.created`), tenant and non-secret description.
 pub struct Change {
@@ -73,42 +40,9 @@ impl Change {
 }
 
 impl State {
-    /// Authenticate the admin token and check `scope`. Unknown, revoked or expired tokens and
-    /// missing headers all answer the same 401.
+    /// Authenticate the admin token and check `scope` (see `caracal_shared::http::admin`).
     pub async fn auth(&self, r: &ApiRequest, scope: AdminScope) -> Result<Caller> {
-        let unauth = || Error::unauthenticated("a valid admin token is required (Authorization: Bearer cat_…)");
-        let secret = r
-            .header_str(header::AUTHORIZATION)
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
-            .map(str::trim)
-            .ok_or_else(unauth)?;
-        let token = self
-            .rt
-            .store
-            .admin_token_by_secret(&self.pepper, secret)
-            .await?
-            .filter(|t| t.usable_at(now_micros()))
-            .ok_or_else(unauth)?;
-        if !token.scopes.contains(&scope) {
-            return Err(Error::forbidden(format!(
-                "this token lacks the {:?} scope",
-                serde_json::to_value(scope).unwrap_or_default()
-            )));
-        }
-        let asked = r.header_str(TENANT_HEADER).map(|s| s.trim().to_string());
-        let tenant = match (token.tenant_id, asked) {
-            (Some(t), None) => Some(t),
-            (Some(t), Some(a)) if a == t.to_string() => Some(t),
-            // A tenant token naming another tenant learns nothing about it.
-            (Some(_), Some(_)) => return Err(Error::not_found("tenant")),
-            (None, None) => None,
-            (None, Some(a)) => {
-                let id = TenantId::parse(&a)?;
-                self.rt.store.tenant(id).await?;
-                Some(id)
-            }
-        };
-        Ok(Caller { token, tenant })
+        caracal_shared::http::admin::authenticate(&self.rt.store, &self.pepper, r, scope).await
     }
 
     /// Run a change in one transaction with its events; honour `Idempotency-Key` on creates.

@@ -24,14 +24,17 @@ async fn lock(tx: &mut crate::store::Tx) -> Result<()> {
     Ok(())
 }
 
-fn event(kind: &str, keys: &[SigningKey]) -> NewEvent {
-    NewEvent::new(
-        streams::KEYS,
-        kind,
-        None,
-        serde_json::json!({ "keys": keys.iter().map(|k| serde_json::json!({"kid": k.kid, "state": k.state})).collect::<Vec<_>>() }),
-    )
-    .sequenced()
+/// A key lifecycle change: on the sequenced keys stream (verifiers reload) and, as evidence,
+/// on the audit stream.
+async fn emit(tx: &mut crate::store::Tx, kind: &str, keys: &[SigningKey]) -> Result<()> {
+    let body = serde_json::json!({
+        "type": kind,
+        "keys": keys.iter().map(|k| serde_json::json!({"kid": k.kid, "state": k.state})).collect::<Vec<_>>(),
+    });
+    tx.emit(NewEvent::new(streams::KEYS, kind, None, body.clone()).sequenced())
+        .await?;
+    tx.emit(NewEvent::new(streams::AUDIT, kind, None, body)).await?;
+    Ok(())
 }
 
 /// Make sure an active and a next key exist (first start). Safe to call concurrently.
@@ -63,7 +66,7 @@ pub async fn ensure(store: &Store, seal: &KeyRing) -> Result<Vec<SigningKey>> {
                 .await?,
         );
     }
-    tx.emit(event("keys.created", &added)).await?;
+    emit(&mut tx, "keys.created", &added).await?;
     tx.commit().await?;
     store.signing_keys().await
 }
@@ -90,7 +93,7 @@ pub async fn rotate(store: &Store, seal: &KeyRing) -> Result<Vec<SigningKey>> {
     tx.insert_signing_key(seal, kid, &public, &private, KeyState::Next)
         .await?;
     let after = tx.signing_keys_locked().await?;
-    tx.emit(event("keys.rotated", &after)).await?;
+    emit(&mut tx, "keys.rotated", &after).await?;
     tx.commit().await?;
     Ok(after)
 }
@@ -111,7 +114,7 @@ pub async fn sweep(store: &Store) -> Result<usize> {
     let n = due.len();
     if n > 0 {
         let after = tx.signing_keys_locked().await?;
-        tx.emit(event("keys.retired", &after)).await?;
+        emit(&mut tx, "keys.retired", &after).await?;
     }
     tx.commit().await?;
     Ok(n)

@@ -18,6 +18,7 @@ pub mod health;
 pub mod http;
 pub mod ids;
 pub mod keys;
+pub mod ledger;
 pub mod mandate;
 pub mod metrics;
 pub mod policy;

@@ -280,6 +280,7 @@ pub struct FaultyBus {
     fail_after: std::sync::atomic::AtomicI64,
     drop_index: std::sync::atomic::AtomicI64,
     fail_reads: std::sync::atomic::AtomicBool,
+    fail_acks: std::sync::atomic::AtomicBool,
 }
 
 impl FaultyBus {
@@ -290,12 +291,19 @@ impl FaultyBus {
             fail_after: std::sync::atomic::AtomicI64::new(-1),
             drop_index: std::sync::atomic::AtomicI64::new(-1),
             fail_reads: std::sync::atomic::AtomicBool::new(false),
+            fail_acks: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// Make every read fail (a bus outage as readers see it) until switched back.
     pub fn fail_reads(&self, on: bool) {
         self.fail_reads.store(on, Ordering::SeqCst);
+    }
+
+    /// Make every acknowledgement fail (a consumer that dies after its effect was committed
+    /// but before XACK) until switched back.
+    pub fn fail_acks(&self, on: bool) {
+        self.fail_acks.store(on, Ordering::SeqCst);
     }
 
     fn check_reads(&self) -> crate::Result<()> {
@@ -356,6 +364,12 @@ impl Bus for FaultyBus {
         self.inner.read_own_pending(s, g, c, n).await
     }
     async fn ack(&self, s: &str, g: &str, ids: &[String]) -> crate::Result<()> {
+        if self.fail_acks.load(Ordering::SeqCst) && !ids.is_empty() {
+            return Err(crate::Error::new(
+                crate::ErrorCode::BusUnavailable,
+                "injected ack failure",
+            ));
+        }
         self.inner.ack(s, g, ids).await
     }
     async fn claim_idle(

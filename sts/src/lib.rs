@@ -366,11 +366,21 @@ impl State {
             };
             let mut tx = self.rt.store.begin().await?;
             tx.insert_delegation(&d).await?;
+            let edge = serde_json::to_value(&d).unwrap_or_default();
             tx.emit(NewEvent::new(
                 streams::COORDINATION,
                 "delegation.created",
                 Some(d.tenant_id),
-                serde_json::to_value(&d).unwrap_or_default(),
+                edge.clone(),
+            ))
+            .await?;
+            let mut evidence = edge;
+            evidence["type"] = json!("delegation_created");
+            tx.emit(NewEvent::new(
+                streams::AUDIT,
+                "delegation.created",
+                Some(d.tenant_id),
+                evidence,
             ))
             .await?;
             tx.commit().await?;

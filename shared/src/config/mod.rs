@@ -142,6 +142,18 @@ pub struct ServiceAddr {
 }
 
 #[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub listen: SocketAddr,
+    /// How often a new tree head is signed when the ledger grew.
+    pub head_interval: Duration,
+    /// Events per ledger append (one transaction).
+    pub batch: usize,
+    /// An event's own timestamp is kept only within this distance of the ledger's clock
+    /// (further out it is recorded as the ledger's time, and the original kept in the body).
+    pub max_clock_skew: Duration,
+}
+
+#[derive(Debug, Clone)]
 pub struct ControlConfig {
     pub listen: SocketAddr,
     /// Directory bundles may reference credential files in (`{ file: name }`); none: refused.
@@ -228,7 +240,7 @@ pub struct Config {
     pub control: ControlConfig,
     pub sts: StsConfig,
     pub coordinator: ServiceAddr,
-    pub audit: ServiceAddr,
+    pub audit: AuditConfig,
     pub gateway: GatewayConfig,
 }
 
@@ -382,9 +394,18 @@ impl Config {
         let coordinator = ServiceAddr {
             listen: addr("coordinator.listen", DEFAULT_COORDINATOR_PORT),
         };
-        let audit = ServiceAddr {
+        let audit = AuditConfig {
             listen: addr("audit.listen", DEFAULT_AUDIT_PORT),
+            head_interval: src.parse_with("audit.head_interval", Duration::from_secs(1), parse_duration),
+            batch: src.get("audit.batch", 1000usize),
+            max_clock_skew: src.parse_with("audit.max_clock_skew", Duration::from_secs(300), parse_duration),
         };
+        if audit.head_interval < Duration::from_millis(10) {
+            src.invalid("audit.head_interval", "must be at least 10ms");
+        }
+        if !(1..=10_000).contains(&audit.batch) {
+            src.invalid("audit.batch", "must be between 1 and 10000");
+        }
         let gateway = GatewayConfig {
             listen: addr("gateway.listen", DEFAULT_GATEWAY_PORT),
             admin_listen: addr("gateway.admin_listen", DEFAULT_GATEWAY_ADMIN_PORT),

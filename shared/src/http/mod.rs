@@ -1,6 +1,7 @@
 //! HTTP plumbing shared by the hyper services: request context, body limits, JSON in and out,
 //! and the single place where an [`Error`] becomes a response ([`error_response`]).
 
+pub mod admin;
 pub mod client;
 pub mod router;
 pub mod server;

@@ -34,6 +34,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(1, "0001_foundation"),
     migration!(2, "0002_control"),
     migration!(3, "0003_authority"),
+    migration!(4, "0004_ledger"),
 ];
 
 const LOCK_KEY: i64 = 0x6361_7261_6361_6c00; // "caracal\0"

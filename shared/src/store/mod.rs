@@ -15,6 +15,7 @@ pub mod admin;
 pub mod agents;
 pub mod authority;
 pub mod entity;
+pub mod ledger;
 pub mod migrate;
 pub mod outbox;
 pub mod page;

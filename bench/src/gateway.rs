@@ -1,0 +1,356 @@
+//! The gateway benchmark: in one run on this machine, the same small request
+//!
+//! 1. straight to the upstream,
+//! 2. through a plain Pingora passthrough built from the same crate versions (absolute-form in,
+//!    origin-form out, upstream keep-alive — what a forward proxy does with no governance),
+//! 3. through the governed gateway (cached mandate, policy, revocation check, egress guard,
+//!    credential injection, audit event per request),
+//!
+//! first at full speed (closed loop, `wrk` when installed, else the in-process generator), then
+//! at a fixed rate (open loop, latency from the scheduled send time) to get the latency the
+//! gateway adds. Pingora and the upstream each run on their own threads, one worker each.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use caracal_bench::{MakeRequest, Stats, closed_loop, fmt, machine, open_loop};
+use caracal_shared::egress::Resolver;
+use http::Method;
+use http_body_util::Full;
+use pingora::prelude::*;
+use pingora::server::configuration::ServerConf;
+use serde_json::json;
+
+use crate::{Store, System};
+
+/// Resolves the benchmark's upstream name to loopback.
+struct BenchResolver;
+
+#[async_trait]
+impl Resolver for BenchResolver {
+    async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        if host == "api.bench" {
+            Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))])
+        } else {
+            Err(std::io::Error::other("unknown benchmark host"))
+        }
+    }
+}
+
+/// The upstream: a hyper HTTP/1.1 server answering a small JSON body, on its own thread.
+fn upstream() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            let body = Bytes::from_static(br#"{"object":"list","data":[{"id":"gpt-4o-mini"}]}"#);
+            loop {
+                let Ok((s, _)) = l.accept().await else { continue };
+                let _ = s.set_nodelay(true);
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let body = body.clone();
+                        async move {
+                            let mut r = http::Response::new(Full::new(body));
+                            r.headers_mut()
+                                .insert("content-type", http::HeaderValue::from_static("application/json"));
+                            Ok::<_, std::convert::Infallible>(r)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+/// A plain forward proxy with no governance: absolute-form in, origin-form to one upstream.
+struct Plain {
+    upstream: SocketAddr,
+}
+
+#[async_trait]
+impl ProxyHttp for Plain {
+    type CTX = ();
+    fn new_ctx(&self) {}
+
+    async fn upstream_peer(&self, _s: &mut Session, _c: &mut ()) -> pingora::Result<Box<HttpPeer>> {
+        Ok(Box::new(HttpPeer::new(self.upstream, false, String::new())))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _s: &mut Session,
+        up: &mut RequestHeader,
+        _c: &mut (),
+    ) -> pingora::Result<()> {
+        if let pingora_http::authority::RawTargetAuthority::Absolute { path_and_query, .. } =
+            pingora_http::authority::raw_target_authority(up.raw_path())
+        {
+            let pq = path_and_query.to_vec();
+            up.set_raw_path(&pq)?;
+        }
+        Ok(())
+    }
+}
+
+fn plain_proxy(upstream: SocketAddr) -> SocketAddr {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let dir = std::env::temp_dir().join(format!("caracal-bench-plain-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = ServerConf {
+        threads: 1,
+        pid_file: dir.join("p.pid").display().to_string(),
+        upgrade_sock: dir.join("p.sock").display().to_string(),
+        upstream_keepalive_pool_size: 256,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    std::thread::spawn(move || {
+        let mut server = Server::new_with_opt_and_conf(None, conf);
+        server.bootstrap();
+        let mut svc = pingora::proxy::http_proxy_service(&server.configuration, Plain { upstream });
+        svc.add_tcp(&addr.to_string());
+        server.add_service(svc);
+        server.run_forever();
+    });
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return addr;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the plain proxy did not start");
+}
+
+/// One target of the comparison.
+struct Target {
+    name: &'static str,
+    connect: SocketAddr,
+    /// Request target as sent (origin-form for the upstream, absolute-form for proxies).
+    path: String,
+    host: String,
+    auth: Option<String>,
+}
+
+impl Target {
+    fn make(&self) -> MakeRequest {
+        let (path, host, auth) = (self.path.clone(), self.host.clone(), self.auth.clone());
+        Arc::new(move || {
+            let mut b = http::Request::get(path.as_str()).header("host", host.as_str());
+            if let Some(a) = &auth {
+                b = b.header("proxy-authorization", a.as_str());
+            }
+            b.body(Full::new(Bytes::new())).unwrap()
+        })
+    }
+}
+
+/// Full speed with wrk (one thread, `connections` connections), if installed.
+async fn wrk(t: &Target, connections: usize, seconds: u64) -> Option<Stats> {
+    let dir = std::env::temp_dir().join(format!("caracal-bench-wrk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    let script = dir.join(format!("{}.lua", t.name.replace(' ', "_")));
+    let mut lua = format!(
+        "wrk.method = \"GET\"\nwrk.path = \"{}\"\nwrk.headers[\"Host\"] = \"{}\"\n",
+        t.path, t.host
+    );
+    if let Some(a) = &t.auth {
+        lua.push_str(&format!("wrk.headers[\"Proxy-Authorization\"] = \"{a}\"\n"));
+    }
+    lua.push_str(
+        "done = function(s, l, r)\n  io.write(string.format(\"CARACAL %d %d %d %d %d %d %d\\n\", s.requests, s.duration, \
+         s.errors.connect + s.errors.read + s.errors.write + s.errors.timeout, s.errors.status, \
+         l:percentile(50), l:percentile(99), l:percentile(99.9)))\nend\n",
+    );
+    std::fs::write(&script, lua).ok()?;
+    let out = tokio::process::Command::new("wrk")
+        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "-s"])
+        .arg(&script)
+        .arg(format!("http://{}/", t.connect))
+        .output()
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with("CARACAL "))?;
+    let n: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let [requests, micros, errors, status, p50, p99, p999] = n[..] else {
+        return None;
+    };
+    // wrk reports percentiles only: keep them as a three-point latency sample.
+    Some(Stats {
+        requests,
+        errors,
+        non_2xx: status,
+        elapsed: Duration::from_micros(micros),
+        latencies: vec![p50 as u32; 98]
+            .into_iter()
+            .chain([p99 as u32])
+            .chain([p999 as u32])
+            .collect(),
+    })
+}
+
+fn row(name: &str, s: &Stats, base: Option<&Stats>) -> String {
+    let ratio = base
+        .map(|b| format!("{:.2}×", s.rps() / b.rps().max(1e-9)))
+        .unwrap_or_else(|| "—".into());
+    format!(
+        "| {name} | {:.0} | {ratio} | {} | {} | {} | {} |",
+        s.rps(),
+        fmt(s.pct(50.0)),
+        fmt(s.pct(99.0)),
+        fmt(s.pct(99.9)),
+        s.errors + s.non_2xx
+    )
+}
+
+pub async fn run(store: Store, seconds: u64, connections: usize, rate: u64) {
+    let up = upstream();
+    let plain = plain_proxy(up);
+    let sys = System::start(store).await;
+    let port = up.port();
+    let res = sys
+        .api(
+            Method::POST,
+            "/v1/resources",
+            json!({"name": "api", "base_url": format!("http://api.bench:{port}"), "inject": {"kind": "bearer"},
+                   "credential": {"value": "sk-bench-upstream"}, "settings": {"egress_allow": ["127.0.0.1/32"]}}),
+        )
+        .await;
+    let pol = sys
+        .api(
+            Method::POST,
+            "/v1/policies",
+            json!({"name": "read", "activate": true, "document": "rules:\n  - id: read\n    methods: [GET]\n    paths: [\"/v1/**\"]\n  - id: no-admin\n    effect: deny\n    paths: [\"/v1/admin/**\"]\n"}),
+        )
+        .await;
+    let (_, key) = sys.agent_with_grant("bench", &res, &pol).await;
+    let mandate = sys.mandate(&key).await;
+
+    let proxy_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let proxy: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let gw = caracal_gateway::start_with(sys.rt.clone(), proxy, admin, Arc::new(BenchResolver))
+        .await
+        .expect("gateway");
+
+    let absolute = format!("http://api.bench:{port}/v1/models");
+    let host = format!("api.bench:{port}");
+    let targets = [
+        Target {
+            name: "upstream directly",
+            connect: up,
+            path: "/v1/models".into(),
+            host: host.clone(),
+            auth: None,
+        },
+        Target {
+            name: "plain Pingora passthrough",
+            connect: plain,
+            path: absolute.clone(),
+            host: host.clone(),
+            auth: None,
+        },
+        Target {
+            name: "governed gateway",
+            connect: proxy,
+            path: absolute.clone(),
+            host: host.clone(),
+            auth: Some(format!("Bearer {mandate}")),
+        },
+    ];
+    // Warm every path (connections, caches) and check it answers 200.
+    for t in &targets {
+        let w = closed_loop(t.connect, 4, Duration::from_secs(1), t.make()).await;
+        assert!(
+            w.requests > 0 && w.non_2xx == 0 && w.errors == 0,
+            "{}: warm-up failed: {}",
+            t.name,
+            w.summary()
+        );
+    }
+
+    let use_wrk = tokio::process::Command::new("wrk")
+        .arg("--version")
+        .output()
+        .await
+        .is_ok();
+    println!("machine: {}", machine());
+    println!("store: {}", store.label());
+    println!(
+        "\nThroughput, closed loop, {connections} keep-alive connections, {seconds}s each ({}):\n",
+        if use_wrk { "wrk -t1" } else { "in-process generator" }
+    );
+    println!("| path | req/s | vs plain | p50 | p99 | p99.9 | errors |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut full = Vec::new();
+    for t in &targets {
+        let s = if use_wrk {
+            wrk(t, connections, seconds).await.expect("wrk output")
+        } else {
+            closed_loop(t.connect, connections, Duration::from_secs(seconds), t.make()).await
+        };
+        full.push(s);
+    }
+    for (i, t) in targets.iter().enumerate() {
+        println!("{}", row(t.name, &full[i], (i > 0).then(|| &full[1])));
+    }
+
+    println!("\nLatency at a fixed {rate} req/s, open loop, 16 connections, {seconds}s each:\n");
+    println!("| path | req/s | vs plain | p50 | p99 | p99.9 | errors |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut fixed = Vec::new();
+    for t in &targets {
+        fixed.push(open_loop(t.connect, 16, rate, Duration::from_secs(seconds), t.make()).await);
+    }
+    for (i, t) in targets.iter().enumerate() {
+        println!("{}", row(t.name, &fixed[i], (i > 0).then(|| &fixed[1])));
+    }
+    let added = |p: f64, base: &Stats| fmt(fixed[2].pct(p).saturating_sub(base.pct(p)));
+    println!(
+        "\nAdded by the governed gateway at {rate} req/s: vs upstream directly p50 {} p99 {}; vs plain passthrough p50 {} p99 {}",
+        added(50.0, &fixed[0]),
+        added(99.0, &fixed[0]),
+        added(50.0, &fixed[1]),
+        added(99.0, &fixed[1]),
+    );
+    let m = sys
+        .client
+        .get(&format!("http://{admin_addr}/metrics"))
+        .await
+        .unwrap()
+        .text();
+    let audited = m
+        .lines()
+        .find(|l| l.starts_with("caracal_audit_events_emitted_total") || l.starts_with("caracal_audit_emitted_total"))
+        .unwrap_or("(audit counter not found)")
+        .to_string();
+    println!("gateway audit counter after the run: {audited}");
+    gw.shutdown(caracal_gateway::Stop::Fast).await;
+    sys.stop().await;
+}
