@@ -70,7 +70,10 @@ impl Handler for LedgerWriter {
     async fn handle(&self, events: &[Event]) -> Result<()> {
         let skew = self.rt.config.audit.max_clock_skew;
         let batch: Vec<NewLedgerEvent> = events.iter().map(|e| to_ledger_event(e, skew)).collect();
+        let t0 = std::time::Instant::now();
         let r = self.rt.store.ledger_append(&batch).await?;
+        self.metrics.append.observe(t0.elapsed().as_secs_f64());
+        self.metrics.batch_size.observe(batch.len() as f64);
         let now = now_micros();
         self.metrics.appended.inc_by(r.appended);
         self.metrics.duplicates.inc_by(batch.len() as u64 - r.appended);
@@ -82,23 +85,26 @@ impl Handler for LedgerWriter {
     }
 }
 
-/// Start one consumer per evidence stream.
+/// Start the consumers: two per evidence stream, so one reads and verifies the next batch
+/// while the other appends (appends serialise on the ledger's lock anyway).
 pub fn spawn(rt: &Runtime, metrics: Metrics, consumer: &str) {
     let handler: Arc<dyn Handler> = Arc::new(LedgerWriter {
         rt: rt.clone(),
         metrics,
     });
     for stream in EVIDENCE_STREAMS {
-        let mut spec = ConsumerSpec::new(stream, GROUP, consumer);
-        spec.batch = rt.config.audit.batch;
-        spec.claim_idle = rt.config.bus.claim_idle;
-        spec.block = rt.config.bus.block;
-        tokio::spawn(run_group_consumer(
-            rt.bus.clone(),
-            rt.bus_auth.clone(),
-            spec,
-            handler.clone(),
-            rt.shutdown.clone(),
-        ));
+        for n in 0..2 {
+            let mut spec = ConsumerSpec::new(stream, GROUP, &format!("{consumer}-{n}"));
+            spec.batch = rt.config.audit.batch;
+            spec.claim_idle = rt.config.bus.claim_idle;
+            spec.block = rt.config.bus.block;
+            tokio::spawn(run_group_consumer(
+                rt.bus.clone(),
+                rt.bus_auth.clone(),
+                spec,
+                handler.clone(),
+                rt.shutdown.clone(),
+            ));
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The audit service's metrics.
 
 use caracal_shared::metrics::NAMESPACE;
-use prometheus::{Gauge, IntCounter, IntGauge, Opts, Registry};
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -13,6 +13,9 @@ pub struct Metrics {
     pub head_size: IntGauge,
     pub head_timestamp: Gauge,
     pub head_errors: IntCounter,
+    /// Time to append one batch (one transaction).
+    pub append: Histogram,
+    pub batch_size: Histogram,
 }
 
 impl Metrics {
@@ -52,6 +55,23 @@ impl Metrics {
                 Opts::new("audit_tree_head_errors_total", "Failed attempts to sign a tree head").namespace(NAMESPACE),
             )
             .expect("metric"),
+            append: Histogram::with_opts(
+                HistogramOpts::new(
+                    "audit_append_duration_seconds",
+                    "Time to append one batch to the ledger",
+                )
+                .namespace(NAMESPACE)
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            )
+            .expect("metric"),
+            batch_size: Histogram::with_opts(
+                HistogramOpts::new("audit_append_batch_events", "Events per ledger append")
+                    .namespace(NAMESPACE)
+                    .buckets(vec![
+                        1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+                    ]),
+            )
+            .expect("metric"),
         };
         for c in [
             Box::new(m.appended.clone()) as Box<dyn prometheus::core::Collector>,
@@ -61,6 +81,8 @@ impl Metrics {
             Box::new(m.head_size.clone()),
             Box::new(m.head_timestamp.clone()),
             Box::new(m.head_errors.clone()),
+            Box::new(m.append.clone()),
+            Box::new(m.batch_size.clone()),
         ] {
             let _ = r.register(c);
         }

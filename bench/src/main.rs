@@ -27,6 +27,7 @@ struct Cli {
     cmd: Cmd,
 }
 
+mod audit;
 mod gateway;
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -47,6 +48,22 @@ enum Cmd {
         seconds: u64,
         #[arg(long, default_value_t = 32)]
         workers: usize,
+    },
+    /// Audit ingest: events/s into the ledger with heads signed, and lag to a signed head.
+    Audit {
+        #[arg(long, value_enum, default_value = "postgres")]
+        store: Store,
+        /// Events in the backlog drained for the throughput figure.
+        #[arg(long, default_value_t = 300_000)]
+        events: u64,
+        /// Duration of the fixed-rate (lag) part.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Events per second in the lag part.
+        #[arg(long, default_value_t = 10_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 2)]
+        producers: usize,
     },
     /// Upstream directly vs a plain Pingora passthrough vs the governed gateway, in one run.
     Gateway {
@@ -84,6 +101,13 @@ fn main() {
                 seconds,
                 workers,
             } => sts(store, seconds, workers).await,
+            Cmd::Audit {
+                store,
+                events,
+                seconds,
+                rate,
+                producers,
+            } => audit::run(store, events, seconds, rate, producers).await,
             Cmd::Gateway {
                 store,
                 seconds,

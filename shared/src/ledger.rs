@@ -86,10 +86,32 @@ pub struct Record {
 }
 
 impl Record {
+    /// The canonical encoding: the fields in key order (body, event_id, kind, occurred_at,
+    /// recorded_at, seq, stream, tenant, v), the body canonical too. Written directly, without
+    /// building an intermediate value (this runs for every event the ledger records).
     pub fn canonical(&self) -> Vec<u8> {
-        let v = serde_json::to_value(self).unwrap_or(Value::Null);
         let mut out = Vec::with_capacity(256);
-        canonical_json(&v, &mut out);
+        let str_field = |out: &mut Vec<u8>, key: &str, v: &str| {
+            out.extend_from_slice(key.as_bytes());
+            let _ = serde_json::to_writer(&mut *out, v);
+        };
+        out.extend_from_slice(b"{\"body\":");
+        canonical_json(&self.body, &mut out);
+        str_field(&mut out, ",\"event_id\":", &self.event_id);
+        str_field(&mut out, ",\"kind\":", &self.kind);
+        out.extend_from_slice(
+            format!(
+                ",\"occurred_at\":{},\"recorded_at\":{},\"seq\":{}",
+                self.occurred_at, self.recorded_at, self.seq
+            )
+            .as_bytes(),
+        );
+        str_field(&mut out, ",\"stream\":", &self.stream);
+        match &self.tenant {
+            Some(t) => str_field(&mut out, ",\"tenant\":", t),
+            None => out.extend_from_slice(b",\"tenant\":null"),
+        }
+        out.extend_from_slice(format!(",\"v\":{}}}", self.v).as_bytes());
         out
     }
 
@@ -842,6 +864,29 @@ mod tests {
     }
 
     #[test]
+    fn the_direct_encoding_equals_the_generic_canonical_form() {
+        for tenant in [None, Some("ten_\"x\"".to_string())] {
+            let r = Record {
+                v: 1,
+                seq: 42,
+                event_id: "evt_1".into(),
+                stream: "caracal:audit".into(),
+                kind: "decision\u{2028}".into(),
+                tenant,
+                occurred_at: -5,
+                recorded_at: 1_700_000_000_000_000,
+                body: serde_json::json!({"z": [1.5, null, {"b": true, "a": "\u{0}"}], "a": -1}),
+            };
+            let mut generic = Vec::new();
+            canonical_json(&serde_json::to_value(&r).unwrap(), &mut generic);
+            assert_eq!(
+                String::from_utf8(r.canonical()).unwrap(),
+                String::from_utf8(generic).unwrap()
+            );
+        }
+    }
+
+    #[test]
     fn heads_sign_and_verify_and_tampering_is_caught() {
         let signer = LedgerSigner::from_pkcs8(&LedgerSigner::generate_pkcs8().unwrap()).unwrap();
         let root = leaf_hash(b"x");
@@ -878,6 +923,10 @@ pub enum Problem {
     /// Recomputed from the entries, a signed head's root does not match: something in
     /// `(from, to]` changed together with its stored hash.
     RootMismatch { tree_size: u64, from: u64, to: u64 },
+    /// An entry whose inclusion proof against a signed head fails although its own stored hash
+    /// matches: it, or the entry sharing its smallest subtree, was altered together with the
+    /// stored hash.
+    NotInHead { seq: u64, event_id: String, tree_size: u64 },
     /// A signed head claims entries the ledger no longer holds (tail truncation).
     Truncated { head_size: u64, ledger_size: u64 },
     /// A head over the range came without the subtree hashes needed to recompute it.
@@ -905,6 +954,14 @@ impl std::fmt::Display for Problem {
                 f,
                 "the signed head of size {tree_size} does not match the entries: an entry in #{from}..#{} was altered together with its stored hash",
                 to.saturating_sub(1)
+            ),
+            Problem::NotInHead {
+                seq,
+                event_id,
+                tree_size,
+            } => write!(
+                f,
+                "entry #{seq} (event {event_id}) is not in the signed head of size {tree_size}: it, or the entry sharing its subtree, was altered along with its stored hash"
             ),
             Problem::Truncated { head_size, ledger_size } => write!(
                 f,

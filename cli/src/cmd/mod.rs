@@ -1,6 +1,7 @@
 //! Command definitions and dispatch.
 
 mod dev;
+mod evidence;
 mod serve;
 
 use std::path::PathBuf;
@@ -37,6 +38,12 @@ pub enum Command {
         #[arg(long, short, env = "CARACAL_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// The audit ledger: query entries, export them with their proofs (read-only).
+    #[command(subcommand)]
+    Ledger(evidence::LedgerCmd),
+    /// Check the ledger's Merkle tree against its signed heads (read-only).
+    #[command(subcommand)]
+    Merkle(evidence::MerkleCmd),
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,5 +62,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve { service, config } => serve::run_serve(service, config),
         Command::Migrate { config } => serve::run_migrate(config),
         Command::CheckConfig { config } => serve::run_check(config),
+        Command::Ledger(c) => evidence::run_ledger(c),
+        Command::Merkle(c) => evidence::run_merkle(c),
     }
 }

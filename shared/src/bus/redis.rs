@@ -35,6 +35,8 @@ fn builder(config: &Config) -> Builder {
             c.connection_timeout = Duration::from_secs(3);
             c.internal_command_timeout = Duration::from_secs(5);
             c.max_command_attempts = 3;
+            // Nagle + delayed ACK would hold every pipelined batch for ~40 ms.
+            c.tcp.nodelay = Some(true);
         })
         .with_performance_config(|p| {
             p.default_command_timeout = Duration::from_secs(10);

@@ -195,19 +195,32 @@ impl Store {
         // Drop duplicates: already recorded, or repeated within the batch.
         let mut seen_here = std::collections::HashSet::new();
         let mut known = std::collections::HashSet::new();
-        for chunk in events.chunks(500) {
-            let sql = format!(
-                "SELECT event_id FROM ledger_entries WHERE event_id IN ({})",
-                placeholders(1, chunk.len())
-            );
-            let rows: Vec<(String,)> = tx!(tx, c => {
-                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()));
-                for e in chunk {
-                    q = q.bind(&e.event_id);
+        match tx.conn() {
+            // Postgres: one array parameter (a statement with hundreds of parameters costs more
+            // to parse and plan than to run).
+            super::TxConn::Pg(t) => {
+                let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+                let rows: Vec<(String,)> =
+                    sqlx::query_as("SELECT event_id FROM ledger_entries WHERE event_id = ANY($1)")
+                        .bind(&ids)
+                        .fetch_all(&mut **t)
+                        .await?;
+                known.extend(rows.into_iter().map(|r| r.0));
+            }
+            super::TxConn::Sqlite(t) => {
+                for chunk in events.chunks(200) {
+                    let sql = format!(
+                        "SELECT event_id FROM ledger_entries WHERE event_id IN ({})",
+                        placeholders(1, chunk.len())
+                    );
+                    let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+                    for e in chunk {
+                        q = q.bind(&e.event_id);
+                    }
+                    let rows: Vec<(String,)> = q.fetch_all(&mut **t).await?;
+                    known.extend(rows.into_iter().map(|r| r.0));
                 }
-                q.fetch_all(c).await
-            })?;
-            known.extend(rows.into_iter().map(|r| r.0));
+            }
         }
         let fresh: Vec<&NewLedgerEvent> = events
             .iter()
@@ -248,46 +261,103 @@ impl Store {
         let fetched = tx.ledger_fetch_nodes(&older).await?;
         let built = ledger::build_nodes(&TxNodes(&fetched), &mut nodes, old, new)?;
 
-        for chunk in rows.chunks(1000) {
-            let cols = 12;
-            let values = (0..chunk.len())
-                .map(|i| format!("({})", placeholders(i * cols + 1, cols)))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!("INSERT INTO ledger_entries ({ENTRY_COLS}) VALUES {values}");
-            tx_exec!(tx, {
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));
-                for (r, e, h) in chunk {
-                    q = q
-                        .bind(r.seq as i64)
-                        .bind(&r.event_id)
-                        .bind(&r.stream)
-                        .bind(&r.kind)
-                        .bind(&r.tenant)
-                        .bind(&e.agent_id)
-                        .bind(&e.resource_id)
-                        .bind(&e.decision)
-                        .bind(r.occurred_at)
-                        .bind(r.recorded_at)
-                        .bind(r.body.to_string())
-                        .bind(h.to_vec());
+        match tx.conn() {
+            super::TxConn::Pg(t) => {
+                let mut cols: (Vec<i64>, Vec<&str>, Vec<&str>, Vec<&str>, Vec<Option<&str>>) = Default::default();
+                let mut more: (
+                    Vec<Option<&str>>,
+                    Vec<Option<&str>>,
+                    Vec<Option<&str>>,
+                    Vec<i64>,
+                    Vec<i64>,
+                ) = Default::default();
+                let mut bodies: Vec<String> = Vec::with_capacity(rows.len());
+                let mut hashes: Vec<Vec<u8>> = Vec::with_capacity(rows.len());
+                for (r, e, h) in &rows {
+                    cols.0.push(r.seq as i64);
+                    cols.1.push(&r.event_id);
+                    cols.2.push(&r.stream);
+                    cols.3.push(&r.kind);
+                    cols.4.push(r.tenant.as_deref());
+                    more.0.push(e.agent_id.as_deref());
+                    more.1.push(e.resource_id.as_deref());
+                    more.2.push(e.decision.as_deref());
+                    more.3.push(r.occurred_at);
+                    more.4.push(r.recorded_at);
+                    bodies.push(r.body.to_string());
+                    hashes.push(h.to_vec());
                 }
-                q
-            })?;
-        }
-        for chunk in built.chunks(2000) {
-            let values = (0..chunk.len())
-                .map(|i| format!("({})", placeholders(i * 3 + 1, 3)))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!("INSERT INTO ledger_nodes (level, idx, hash) VALUES {values}");
-            tx_exec!(tx, {
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));
-                for ((l, i), h) in chunk {
-                    q = q.bind(*l as i32).bind(*i as i64).bind(h.to_vec());
+                sqlx::query(
+                    "INSERT INTO ledger_entries (seq, event_id, stream, kind, tenant_id, agent_id, resource_id, decision, occurred_at, recorded_at, body, leaf_hash)
+                     SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::text[], $12::bytea[])",
+                )
+                .bind(&cols.0)
+                .bind(&cols.1)
+                .bind(&cols.2)
+                .bind(&cols.3)
+                .bind(&cols.4)
+                .bind(&more.0)
+                .bind(&more.1)
+                .bind(&more.2)
+                .bind(&more.3)
+                .bind(&more.4)
+                .bind(&bodies)
+                .bind(&hashes)
+                .execute(&mut **t)
+                .await?;
+                if !built.is_empty() {
+                    let levels: Vec<i32> = built.iter().map(|((l, _), _)| *l as i32).collect();
+                    let idxs: Vec<i64> = built.iter().map(|((_, i), _)| *i as i64).collect();
+                    let hs: Vec<Vec<u8>> = built.iter().map(|(_, h)| h.to_vec()).collect();
+                    sqlx::query(
+                        "INSERT INTO ledger_nodes (level, idx, hash) SELECT * FROM UNNEST($1::int[], $2::bigint[], $3::bytea[])",
+                    )
+                    .bind(&levels)
+                    .bind(&idxs)
+                    .bind(&hs)
+                    .execute(&mut **t)
+                    .await?;
                 }
-                q
-            })?;
+            }
+            super::TxConn::Sqlite(t) => {
+                for chunk in rows.chunks(200) {
+                    let n = 12;
+                    let values = (0..chunk.len())
+                        .map(|i| format!("({})", placeholders(i * n + 1, n)))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let sql = format!("INSERT INTO ledger_entries ({ENTRY_COLS}) VALUES {values}");
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for (r, e, h) in chunk {
+                        q = q
+                            .bind(r.seq as i64)
+                            .bind(&r.event_id)
+                            .bind(&r.stream)
+                            .bind(&r.kind)
+                            .bind(&r.tenant)
+                            .bind(&e.agent_id)
+                            .bind(&e.resource_id)
+                            .bind(&e.decision)
+                            .bind(r.occurred_at)
+                            .bind(r.recorded_at)
+                            .bind(r.body.to_string())
+                            .bind(h.to_vec());
+                    }
+                    q.execute(&mut **t).await?;
+                }
+                for chunk in built.chunks(500) {
+                    let values = (0..chunk.len())
+                        .map(|i| format!("({})", placeholders(i * 3 + 1, 3)))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let sql = format!("INSERT INTO ledger_nodes (level, idx, hash) VALUES {values}");
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for ((l, i), h) in chunk {
+                        q = q.bind(*l as i32).bind(*i as i64).bind(h.to_vec());
+                    }
+                    q.execute(&mut **t).await?;
+                }
+            }
         }
         tx_exec!(
             tx,

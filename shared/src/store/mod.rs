@@ -17,6 +17,7 @@ pub mod authority;
 pub mod entity;
 pub mod ledger;
 pub mod migrate;
+mod nodelay;
 pub mod outbox;
 pub mod page;
 pub mod policies;
@@ -200,7 +201,16 @@ impl Store {
     pub async fn connect(cfg: &DatabaseConfig) -> Result<Store> {
         match db_kind(&cfg.url) {
             Some(DbKind::Postgres) => {
+                let port = sqlx::postgres::PgConnectOptions::from_str(&cfg.url)
+                    .map(|o| o.get_port())
+                    .unwrap_or(5432);
                 let pool = PgPoolOptions::new()
+                    .after_connect(move |_conn, _meta| {
+                        Box::pin(async move {
+                            nodelay::to_port(port);
+                            Ok(())
+                        })
+                    })
                     .max_connections(cfg.max_connections)
                     .acquire_timeout(cfg.acquire_timeout)
                     .idle_timeout(Duration::from_secs(300))
