@@ -69,17 +69,22 @@ pub fn to_ledger_event(e: &Event, max_skew: Duration) -> NewLedgerEvent {
 impl Handler for LedgerWriter {
     async fn handle(&self, events: &[Event]) -> Result<()> {
         let skew = self.rt.config.audit.max_clock_skew;
-        let batch: Vec<NewLedgerEvent> = events.iter().map(|e| to_ledger_event(e, skew)).collect();
-        let t0 = std::time::Instant::now();
-        let r = self.rt.store.ledger_append(&batch).await?;
-        self.metrics.append.observe(t0.elapsed().as_secs_f64());
-        self.metrics.batch_size.observe(batch.len() as f64);
-        let now = now_micros();
-        self.metrics.appended.inc_by(r.appended);
-        self.metrics.duplicates.inc_by(batch.len() as u64 - r.appended);
-        self.metrics.tree_size.set(r.size as i64);
-        if let Some(oldest) = events.iter().map(|e| e.ts).min() {
-            self.metrics.lag.set(((now - oldest).max(0) as f64) / 1e6);
+        let expanded: Vec<Event> = events.iter().cloned().flat_map(caracal_shared::audit::expand).collect();
+        // A bus message may carry a whole batch of events: append in transactions of at most
+        // `audit.batch` (redelivery after a partial failure is harmless: duplicates are dropped).
+        for chunk in expanded.chunks(self.rt.config.audit.batch) {
+            let batch: Vec<NewLedgerEvent> = chunk.iter().map(|e| to_ledger_event(e, skew)).collect();
+            let t0 = std::time::Instant::now();
+            let r = self.rt.store.ledger_append(&batch).await?;
+            self.metrics.append.observe(t0.elapsed().as_secs_f64());
+            self.metrics.batch_size.observe(batch.len() as f64);
+            let now = now_micros();
+            self.metrics.appended.inc_by(r.appended);
+            self.metrics.duplicates.inc_by(batch.len() as u64 - r.appended);
+            self.metrics.tree_size.set(r.size as i64);
+            if let Some(oldest) = chunk.iter().map(|e| e.ts).min() {
+                self.metrics.lag.set(((now - oldest).max(0) as f64) / 1e6);
+            }
         }
         Ok(())
     }
@@ -95,7 +100,8 @@ pub fn spawn(rt: &Runtime, metrics: Metrics, consumer: &str) {
     for stream in EVIDENCE_STREAMS {
         for n in 0..2 {
             let mut spec = ConsumerSpec::new(stream, GROUP, &format!("{consumer}-{n}"));
-            spec.batch = rt.config.audit.batch;
+            // Messages per read: producers publish batches of up to 1024 events per message.
+            spec.batch = 16;
             spec.claim_idle = rt.config.bus.claim_idle;
             spec.block = rt.config.bus.block;
             tokio::spawn(run_group_consumer(

@@ -3,6 +3,7 @@
 //! 1. straight to the upstream,
 //! 2. through a plain Pingora passthrough built from the same crate versions (absolute-form in,
 //!    origin-form out, upstream keep-alive — what a forward proxy does with no governance),
+//!    sent exactly the same client request (with its `Proxy-Authorization`, which it ignores),
 //! 3. through the governed gateway (cached mandate, policy, revocation check, egress guard,
 //!    credential injection, audit event per request),
 //!
@@ -107,7 +108,7 @@ impl ProxyHttp for Plain {
     }
 }
 
-fn plain_proxy(upstream: SocketAddr) -> SocketAddr {
+fn plain_proxy(upstream: SocketAddr, threads: usize) -> SocketAddr {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -117,7 +118,7 @@ fn plain_proxy(upstream: SocketAddr) -> SocketAddr {
     let dir = std::env::temp_dir().join(format!("caracal-bench-plain-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
     let conf = ServerConf {
-        threads: 1,
+        threads,
         pid_file: dir.join("p.pid").display().to_string(),
         upgrade_sock: dir.join("p.sock").display().to_string(),
         upstream_keepalive_pool_size: 256,
@@ -224,10 +225,10 @@ fn row(name: &str, s: &Stats, base: Option<&Stats>) -> String {
     )
 }
 
-pub async fn run(store: Store, seconds: u64, connections: usize, rate: u64) {
+pub async fn run(store: Store, seconds: u64, connections: usize, rate: u64, only: Option<String>, threads: usize) {
     let up = upstream();
-    let plain = plain_proxy(up);
-    let sys = System::start(store).await;
+    let plain = plain_proxy(up, threads);
+    let sys = System::start_with(store, |c| c.gateway.threads = threads).await;
     let port = up.port();
     let res = sys
         .api(
@@ -274,7 +275,8 @@ pub async fn run(store: Store, seconds: u64, connections: usize, rate: u64) {
             connect: plain,
             path: absolute.clone(),
             host: host.clone(),
-            auth: None,
+            // The same bytes from the client (the mandate rides along, unread).
+            auth: Some(format!("Bearer {mandate}")),
         },
         Target {
             name: "governed gateway",
@@ -300,8 +302,25 @@ pub async fn run(store: Store, seconds: u64, connections: usize, rate: u64) {
         .output()
         .await
         .is_ok();
+    // Profiling aid: only the closed loop on the targets whose name starts with `only`.
+    if let Some(prefix) = only {
+        for t in targets.iter().filter(|t| t.name.starts_with(prefix.as_str())) {
+            let s = if use_wrk {
+                wrk(t, connections, seconds).await.expect("wrk output")
+            } else {
+                closed_loop(t.connect, connections, Duration::from_secs(seconds), t.make()).await
+            };
+            println!("{}", row(t.name, &s, None));
+        }
+        gw.shutdown(caracal_gateway::Stop::Fast).await;
+        sys.stop().await;
+        return;
+    }
     println!("machine: {}", machine());
-    println!("store: {}", store.label());
+    println!(
+        "store: {}, proxy threads: {threads} (plain and governed)",
+        store.label()
+    );
     println!(
         "\nThroughput, closed loop, {connections} keep-alive connections, {seconds}s each ({}):\n",
         if use_wrk { "wrk -t1" } else { "in-process generator" }

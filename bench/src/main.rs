@@ -76,6 +76,12 @@ enum Cmd {
         /// Request rate of the fixed-rate (latency) part.
         #[arg(long, default_value_t = 3000)]
         rate: u64,
+        /// Only the closed loop on targets whose name starts with this (for profiling).
+        #[arg(long)]
+        only: Option<String>,
+        /// Proxy threads, for both the plain passthrough and the gateway.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
 }
 
@@ -113,7 +119,9 @@ fn main() {
                 seconds,
                 connections,
                 rate,
-            } => gateway::run(store, seconds, connections, rate).await,
+                only,
+                threads,
+            } => gateway::run(store, seconds, connections, rate, only, threads).await,
         }
     });
 }
@@ -130,11 +138,15 @@ pub(crate) struct System {
 
 impl System {
     pub(crate) async fn start(store: Store) -> System {
-        system(store).await
+        system(store, |_| {}).await
+    }
+
+    pub(crate) async fn start_with(store: Store, tweak: impl FnOnce(&mut caracal_shared::config::Config)) -> System {
+        system(store, tweak).await
     }
 }
 
-async fn system(store: Store) -> System {
+async fn system(store: Store, tweak: impl FnOnce(&mut caracal_shared::config::Config)) -> System {
     let backend = match store {
         Store::Sqlite => Backend::Sqlite,
         Store::Postgres => Backend::Postgres,
@@ -153,6 +165,7 @@ async fn system(store: Store) -> System {
     // One agent drives all the load: its rate limit must not be what is measured.
     cfg.gateway.agent_rate_per_sec = 10_000_000;
     cfg.gateway.agent_rate_burst = 10_000_000;
+    tweak(&mut cfg);
     cfg.telemetry.log_level = "warn".into();
     let sd = Shutdown::new();
     let rt = Runtime::start(cfg, sd.clone()).await.expect("runtime");
@@ -262,7 +275,7 @@ impl System {
 }
 
 async fn sts(store: Store, seconds: u64, workers: usize) {
-    let sys = system(store).await;
+    let sys = system(store, |_| {}).await;
     let res = sys
         .api(
             Method::POST,

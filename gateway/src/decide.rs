@@ -64,6 +64,28 @@ pub struct Established<'a> {
     pub rule: Option<&'a str>,
 }
 
+/// The audit event of one decision, serialised straight from borrowed fields.
+#[derive(serde::Serialize)]
+struct DecisionRecord<'a> {
+    #[serde(rename = "type")]
+    kind_of: &'static str,
+    decision: &'static str,
+    reason: &'a str,
+    kind: &'a str,
+    mode: &'a str,
+    agent: Option<caracal_shared::ids::AgentId>,
+    mandate_id: Option<caracal_shared::ids::MandateId>,
+    session: Option<caracal_shared::ids::SessionId>,
+    resource: Option<caracal_shared::ids::ResourceId>,
+    method: Option<&'a str>,
+    host: Option<&'a str>,
+    path: Option<&'a str>,
+    rule: Option<&'a str>,
+    source: Option<IpAddr>,
+    request_id: &'a str,
+    gateway: &'a str,
+}
+
 /// Context for the audit event.
 pub struct AuditInfo<'a> {
     pub request_id: &'a str,
@@ -151,7 +173,7 @@ impl Gateway {
         };
         if c.m.claims.expires_at <= now_secs() {
             if let Some(secret) = secret {
-                self.mandates.invalidate(secret);
+                self.mandates.invalidate(&crate::state::token_key(secret));
             }
             return Err(Error::new(ErrorCode::MandateExpired, "the mandate has expired"));
         }
@@ -268,26 +290,27 @@ impl Gateway {
 
     /// Step 8: one audit event per decision. Failure means the caller must refuse.
     pub fn audit_decision(&self, allow: bool, reason: &str, e: &Established<'_>, info: &AuditInfo<'_>) -> Result<()> {
-        let (c, r, t, path, rule) = (e.mandate, e.resource, e.target, e.path, e.rule);
-        let claims = c.map(|c| &c.m.claims);
-        let body = json!({
-            "type": "decision",
-            "decision": if allow { "allow" } else { "deny" },
-            "reason": reason,
-            "kind": info.kind,
-            "mode": info.mode,
-            "agent": claims.map(|c| c.agent),
-            "mandate_id": claims.map(|c| c.mandate_id),
-            "session": claims.and_then(|c| c.session),
-            "resource": r.map(|r| r.res.id),
-            "method": t.map(|t| t.method.as_str()),
-            "host": t.map(|t| t.host.as_str()),
-            "path": path.or(t.map(|t| t.path.as_str())),
-            "rule": rule,
-            "source": info.source.map(|s| s.to_string()),
-            "request_id": info.request_id,
-            "gateway": self.rt.config.gateway.id,
-        });
-        self.audit.emit("decision", claims.map(|c| c.tenant), &body)
+        let claims = e.mandate.map(|c| &c.m.claims);
+        let t = e.target;
+        let record = DecisionRecord {
+            kind_of: "decision",
+            decision: if allow { "allow" } else { "deny" },
+            reason,
+            kind: info.kind,
+            mode: info.mode,
+            agent: claims.map(|c| c.agent),
+            mandate_id: claims.map(|c| c.mandate_id),
+            session: claims.and_then(|c| c.session),
+            resource: e.resource.map(|r| r.res.id),
+            method: t.map(|t| t.method.as_str()),
+            host: t.map(|t| t.host.as_str()),
+            path: e.path.or(t.map(|t| t.path.as_str())),
+            rule: e.rule,
+            source: info.source,
+            request_id: info.request_id,
+            gateway: &self.rt.config.gateway.id,
+        };
+        let body = serde_json::to_string(&record).map_err(|e| Error::internal(e.to_string()))?;
+        self.audit.emit_json("decision", claims.map(|c| c.tenant), body)
     }
 }

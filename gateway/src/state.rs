@@ -206,20 +206,40 @@ pub struct Snapshot {
     pub active: HashMap<(TenantId, PolicyId), (i64, Arc<CompiledPolicy>)>,
 }
 
+/// The cache key of a mandate: its last 32 bytes (the end of the final block's signature and
+/// proof, unique to the token), so a lookup hashes 32 bytes, not kilobytes. Different tokens
+/// sharing an ending are told apart by [`Cached::token_matches`].
+pub fn token_key(token: &str) -> [u8; 32] {
+    let b = token.as_bytes();
+    let mut k = [0u8; 32];
+    let tail = &b[b.len().saturating_sub(32)..];
+    k[32 - tail.len()..].copy_from_slice(tail);
+    k
+}
+
 /// A verified mandate as cached: revocation is re-checked only when the set changed.
 pub struct Cached {
     pub m: VerifiedMandate,
+    /// The token it was verified from (compared on every cache hit, in constant time).
+    token: Box<str>,
     checked_generation: AtomicU64,
     revoked: AtomicBool,
 }
 
 impl Cached {
-    pub fn new(m: VerifiedMandate) -> Self {
+    pub fn new(m: VerifiedMandate, token: &str) -> Self {
         Cached {
             m,
+            token: token.into(),
             checked_generation: AtomicU64::new(0),
             revoked: AtomicBool::new(false),
         }
+    }
+
+    /// Whether `token` is exactly the token this entry was verified from.
+    #[inline]
+    pub fn token_matches(&self, token: &str) -> bool {
+        caracal_shared::crypto::ct_eq(self.token.as_bytes(), token.as_bytes())
     }
 
     /// Revoked according to the set at its current generation.
@@ -241,7 +261,8 @@ pub struct Gateway {
     pub snapshot: RwLock<Arc<Snapshot>>,
     keys: RwLock<Arc<HashMap<u32, PublicKey>>>,
     keys_reloaded: std::sync::Mutex<Instant>,
-    pub mandates: moka::sync::Cache<String, Arc<Cached>>,
+    /// Verified mandates, keyed by [`token_key`] (a hit is confirmed against the whole token).
+    pub mandates: moka::sync::Cache<[u8; 32], Arc<Cached>>,
     pub exchanged: moka::future::Cache<[u8; 32], Arc<Cached>>,
     pub revocations: RevocationSet,
     pub audit: AuditEmitter,
@@ -389,7 +410,10 @@ impl Gateway {
 
     /// Verify a mandate (once per token; cached until it expires).
     pub async fn verify_mandate(&self, token: &str) -> Result<Arc<Cached>> {
-        if let Some(c) = self.mandates.get(token) {
+        let key = token_key(token);
+        if let Some(c) = self.mandates.get(&key)
+            && c.token_matches(token)
+        {
             self.metrics.cache_hit.inc();
             return Ok(c);
         }
@@ -410,8 +434,8 @@ impl Gateway {
             other => other,
         }
         .map_err(Error::from)?;
-        let c = Arc::new(Cached::new(v));
-        self.mandates.insert(token.to_string(), c.clone());
+        let c = Arc::new(Cached::new(v, token));
+        self.mandates.insert(key, c.clone());
         Ok(c)
     }
 

@@ -1,14 +1,16 @@
 //! Emitting evidence: every decision, mint and refusal becomes an event on the audit stream.
 //!
 //! [`AuditEmitter::emit`] never waits: it puts the event in a bounded in-memory queue and
-//! returns. A background task drains the queue in batches (up to 1024 events or every few
-//! milliseconds), signs them and publishes them in one call, retrying with backoff until the
-//! bus accepts them. When the queue is full — the bus has been unreachable long enough — `emit`
+//! returns. A background task drains the queue in batches (up to 1024 events or whatever has
+//! accumulated) and publishes each batch as **one** signed bus message (kind [`BATCH_KIND`],
+//! one MAC and one stream entry for the lot), retrying with backoff until the bus accepts it.
+//! Every event in a batch keeps its own id, kind, tenant and time; consumers see them
+//! individually through [`expand`], and the ledger records each as its own leaf. When the queue is full — the bus has been unreachable long enough — `emit`
 //! fails, and callers **fail closed** (the gateway refuses the request, the STS refuses to
 //! mint): nothing is decided that cannot be recorded. On shutdown the queue is flushed.
 //!
 //! The window of loss is the queue's content when a process is killed (`kill -9`) before the
-//! next flush (a few milliseconds at most under load); graceful stops lose nothing.
+//! next flush (the 2 ms a batch gathers plus one publish); graceful stops lose nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,15 +19,100 @@ use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::bus::{Bus, BusAuth, Envelope, streams};
+use crate::bus::{Bus, BusAuth, Envelope, Event, streams};
 use crate::error::{Error, ErrorCode, Result};
-use crate::ids::TenantId;
+use crate::ids::{EventId, TenantId};
 use crate::metrics::NAMESPACE;
 use crate::shutdown::Shutdown;
+use crate::time::{Micros, now_micros};
+
+/// How long the publisher lets a batch gather after its first event.
+const LINGER: Duration = Duration::from_millis(2);
+
+/// Kind of a bus message that carries several audit events.
+pub const BATCH_KIND: &str = "audit.batch";
+
+/// One queued event: its JSON body already serialised.
+struct Pending {
+    id: EventId,
+    kind: String,
+    tenant: Option<TenantId>,
+    ts: Micros,
+    body: String,
+}
+
+#[derive(serde::Deserialize)]
+struct BatchItem {
+    id: EventId,
+    kind: String,
+    #[serde(default)]
+    tenant: Option<TenantId>,
+    ts: Micros,
+    body: Value,
+}
+
+#[derive(serde::Deserialize)]
+struct BatchBody {
+    events: Vec<BatchItem>,
+}
+
+/// The events a bus message carries: the members of a batch, or the message itself.
+pub fn expand(ev: Event) -> Vec<Event> {
+    if ev.kind != BATCH_KIND {
+        return vec![ev];
+    }
+    match serde_json::from_value::<BatchBody>(ev.body.clone()) {
+        Ok(b) => b
+            .events
+            .into_iter()
+            .map(|i| Event {
+                entry_id: ev.entry_id.clone(),
+                id: i.id,
+                stream: ev.stream.clone(),
+                kind: i.kind,
+                tenant: i.tenant,
+                seq: None,
+                ts: i.ts,
+                body: i.body,
+                deliveries: ev.deliveries,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(entry = %ev.entry_id, error = %e, "malformed audit batch");
+            Vec::new()
+        }
+    }
+}
+
+fn batch_envelope(items: &[Pending]) -> Envelope {
+    let mut body = String::with_capacity(items.iter().map(|p| p.body.len() + 128).sum::<usize>() + 16);
+    body.push_str("{\"events\":[");
+    for (i, p) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str("{\"id\":\"");
+        body.push_str(&p.id.to_string());
+        body.push_str("\",\"kind\":");
+        body.push_str(&serde_json::to_string(&p.kind).unwrap_or_else(|_| "\"\"".into()));
+        if let Some(t) = p.tenant {
+            body.push_str(",\"tenant\":\"");
+            body.push_str(&t.to_string());
+            body.push('"');
+        }
+        body.push_str(",\"ts\":");
+        body.push_str(&p.ts.to_string());
+        body.push_str(",\"body\":");
+        body.push_str(&p.body);
+        body.push('}');
+    }
+    body.push_str("]}");
+    Envelope::with_body(streams::AUDIT, BATCH_KIND, None, body)
+}
 
 #[derive(Clone)]
 pub struct AuditEmitter {
-    tx: mpsc::Sender<Envelope>,
+    tx: mpsc::Sender<Pending>,
     depth: IntGauge,
     events: IntCounterVec,
 }
@@ -72,8 +159,20 @@ impl AuditEmitter {
 
     /// Queue one event. Fails (callers must refuse the action) when the queue is full.
     pub fn emit(&self, kind: &str, tenant: Option<TenantId>, body: &Value) -> Result<()> {
-        let env = Envelope::new(streams::AUDIT, kind, tenant, body);
-        match self.tx.try_send(env) {
+        self.emit_json(kind, tenant, body.to_string())
+    }
+
+    /// Queue one event whose body is already JSON text (the caller serialised it, e.g. from a
+    /// struct, without building a `Value`). The text must be one JSON value.
+    pub fn emit_json(&self, kind: &str, tenant: Option<TenantId>, body: String) -> Result<()> {
+        let p = Pending {
+            id: EventId::new(),
+            kind: kind.to_string(),
+            tenant,
+            ts: now_micros(),
+            body,
+        };
+        match self.tx.try_send(p) {
             Ok(()) => {
                 self.depth.inc();
                 self.events.with_label_values(&["queued"]).inc();
@@ -98,12 +197,12 @@ impl AuditEmitter {
 async fn publish_loop(
     bus: Arc<dyn Bus>,
     auth: BusAuth,
-    mut rx: mpsc::Receiver<Envelope>,
+    mut rx: mpsc::Receiver<Pending>,
     depth: IntGauge,
     events: IntCounterVec,
     shutdown: Shutdown,
 ) {
-    let mut batch: Vec<Envelope> = Vec::with_capacity(1024);
+    let mut batch: Vec<Pending> = Vec::with_capacity(1024);
     loop {
         let first = tokio::select! {
             e = rx.recv() => e,
@@ -114,6 +213,11 @@ async fn publish_loop(
         };
         let Some(first) = first else { break };
         batch.push(first);
+        // Let a batch gather for a moment (never delays the emitter, which does not wait):
+        // under load this turns thousands of tiny publishes a second into a few hundred.
+        if !shutdown.is_triggered() {
+            tokio::time::sleep(LINGER).await;
+        }
         while batch.len() < 1024 {
             match rx.try_recv() {
                 Ok(e) => batch.push(e),
@@ -121,10 +225,11 @@ async fn publish_loop(
             }
         }
         let n = batch.len();
-        let payloads: Vec<bytes::Bytes> = batch.drain(..).map(|e| auth.sign(e).to_bytes()).collect();
+        let payload = auth.sign(batch_envelope(&batch)).to_bytes();
+        batch.clear();
         let mut backoff = Duration::from_millis(20);
         loop {
-            match bus.publish_many(streams::AUDIT, payloads.clone()).await {
+            match bus.publish(streams::AUDIT, payload.clone()).await {
                 Ok(_) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, events = n, "audit publish failed; retrying");
@@ -139,5 +244,54 @@ async fn publish_loop(
         }
         depth.sub(n as i64);
         events.with_label_values(&["published"]).inc_by(n as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_expands_into_its_events() {
+        let t = TenantId::new();
+        let items = vec![
+            Pending {
+                id: EventId::new(),
+                kind: "decision".into(),
+                tenant: Some(t),
+                ts: 5,
+                body: r#"{"a":1}"#.into(),
+            },
+            Pending {
+                id: EventId::new(),
+                kind: "mint \"x\"".into(),
+                tenant: None,
+                ts: 6,
+                body: "[1,2]".into(),
+            },
+        ];
+        let env = batch_envelope(&items);
+        let ev = Event {
+            entry_id: "1-0".into(),
+            id: env.id,
+            stream: env.stream.clone(),
+            kind: env.kind.clone(),
+            tenant: None,
+            seq: None,
+            ts: env.ts,
+            body: serde_json::from_str(&env.body).unwrap(),
+            deliveries: 1,
+        };
+        let out = expand(ev);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].id, items[0].id);
+        assert_eq!(
+            (out[0].kind.as_str(), out[0].tenant, out[0].ts),
+            ("decision", Some(t), 5)
+        );
+        assert_eq!(out[0].body, serde_json::json!({"a": 1}));
+        assert_eq!((out[1].kind.as_str(), out[1].tenant), ("mint \"x\"", None));
+        assert_eq!(out[1].body, serde_json::json!([1, 2]));
+        assert!(out.iter().all(|e| e.entry_id == "1-0"));
     }
 }

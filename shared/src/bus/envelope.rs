@@ -63,6 +63,22 @@ pub struct Event {
 }
 
 impl Envelope {
+    /// An envelope whose body is already JSON text.
+    pub fn with_body(stream: &str, kind: &str, tenant: Option<TenantId>, body: String) -> Self {
+        Envelope {
+            v: VERSION,
+            id: EventId::new(),
+            stream: stream.to_string(),
+            kind: kind.to_string(),
+            tenant,
+            seq: None,
+            ts: now_micros(),
+            body,
+            kid: String::new(),
+            mac: String::new(),
+        }
+    }
+
     pub fn new(stream: &str, kind: &str, tenant: Option<TenantId>, body: &Value) -> Self {
         Envelope {
             v: VERSION,

@@ -231,6 +231,7 @@ impl Env {
                     .verify(caracal_shared::bus::streams::AUDIT, &e.id, e.payload.as_deref(), 0)
                     .ok()
             })
+            .flat_map(caracal_shared::audit::expand)
             .collect()
     }
 }
