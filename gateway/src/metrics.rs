@@ -18,6 +18,8 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     pub tunnels: IntCounterVec,
     pub tunnel_bytes: IntCounterVec,
+    /// Responses cut mid-stream because their mandate was revoked.
+    pub responses_cut: IntCounter,
 }
 
 fn buckets() -> Vec<f64> {
@@ -75,8 +77,17 @@ impl Metrics {
             &["direction"],
         )
         .expect("metric");
+        let responses_cut = IntCounter::with_opts(
+            Opts::new(
+                "gateway_responses_cut_total",
+                "Responses cut mid-stream because their mandate was revoked",
+            )
+            .namespace(NS),
+        )
+        .expect("metric");
         for c in [
-            Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(responses_cut.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(decisions.clone()),
             Box::new(total.clone()),
             Box::new(added.clone()),
             Box::new(cache.clone()),
@@ -89,6 +100,7 @@ impl Metrics {
             let _ = r.register(c);
         }
         Metrics {
+            responses_cut,
             allowed: decisions.with_label_values(&["allow", "ok"]),
             cache_hit: cache.with_label_values(&["hit"]),
             cache_miss: cache.with_label_values(&["miss"]),

@@ -452,6 +452,13 @@ impl Proxy {
                 while let Some(frame) = body.frame().await {
                     match frame {
                         Ok(f) => {
+                            if d.mandate.is_revoked(&self.gw.revocations) {
+                                self.gw.metrics.responses_cut.inc();
+                                return Err(pingora::Error::explain(
+                                    pingora::ErrorType::InternalError,
+                                    "mandate revoked mid-response",
+                                ));
+                            }
                             if let Ok(data) = f.into_data() {
                                 session.write_response_body(Some(data), false).await?;
                             }
@@ -656,12 +663,40 @@ impl ProxyHttp for Proxy {
         }
     }
 
+    /// Cut a response in flight when its mandate is revoked (checked per body chunk: one
+    /// atomic load unless the revocation set changed).
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<Option<std::time::Duration>> {
+        if let Some(d) = &ctx.decision
+            && d.mandate.is_revoked(&self.gw.revocations)
+        {
+            self.gw.metrics.responses_cut.inc();
+            return Err(pingora::Error::explain(
+                pingora::ErrorType::InternalError,
+                "mandate revoked mid-response",
+            ));
+        }
+        Ok(None)
+    }
+
     fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &pingora::Error) -> bool {
         matches!(error.esource(), pingora::ErrorSource::Downstream)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut Ctx) -> FailToProxy {
         use pingora::ErrorType::*;
+        if session.response_written().is_some() {
+            // Too late for an error response (e.g. cut mid-stream): close the connection.
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
         let code = match e.etype() {
             ConnectTimedout | ReadTimedout | WriteTimedout => ErrorCode::UpstreamTimeout,
             _ if matches!(e.esource(), pingora::ErrorSource::Upstream) => ErrorCode::UpstreamUnreachable,

@@ -28,6 +28,16 @@ pub enum ErrorCode {
     NotFound,
     MethodNotAllowed,
     Conflict,
+    /// A state machine refused a transition from the current state (409, with the state).
+    InvalidTransition,
+    /// A lease is held by another instance (409).
+    LeaseHeld,
+    /// A lease holder presented a stale fencing generation (409).
+    LeaseFenced,
+    /// The lease expired before this call (410).
+    LeaseExpired,
+    /// A configured per-tenant limit would be exceeded (429).
+    LimitExceeded,
     Gone,
     PreconditionFailed,
     PreconditionRequired,
@@ -68,6 +78,11 @@ impl ErrorCode {
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::Conflict,
+        ErrorCode::InvalidTransition,
+        ErrorCode::LeaseHeld,
+        ErrorCode::LeaseFenced,
+        ErrorCode::LeaseExpired,
+        ErrorCode::LimitExceeded,
         ErrorCode::Gone,
         ErrorCode::PreconditionFailed,
         ErrorCode::PreconditionRequired,
@@ -106,6 +121,11 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::InvalidTransition => "invalid_transition",
+            ErrorCode::LeaseHeld => "lease_held",
+            ErrorCode::LeaseFenced => "lease_fenced",
+            ErrorCode::LeaseExpired => "lease_expired",
+            ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::Gone => "gone",
             ErrorCode::PreconditionFailed => "precondition_failed",
             ErrorCode::PreconditionRequired => "precondition_required",
@@ -147,6 +167,9 @@ impl ErrorCode {
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::InvalidTransition | ErrorCode::LeaseHeld | ErrorCode::LeaseFenced => StatusCode::CONFLICT,
+            ErrorCode::LeaseExpired => StatusCode::GONE,
+            ErrorCode::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Gone => StatusCode::GONE,
             ErrorCode::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             ErrorCode::PreconditionRequired => StatusCode::PRECONDITION_REQUIRED,
@@ -347,6 +370,18 @@ impl From<sqlx::Error> for Error {
                 Error::new(ErrorCode::StoreUnavailable, "the database is unavailable").with_source(e)
             }
             _ => Error::new(ErrorCode::Internal, "storage error").with_source(e),
+        }
+    }
+}
+
+impl Error {
+    /// A transaction lost a race the database resolved by aborting it (deadlock or
+    /// serialization failure): retrying the whole transaction is safe and will likely succeed.
+    pub fn is_retryable_conflict(&self) -> bool {
+        let Some(src) = self.source_ref() else { return false };
+        match src.downcast_ref::<sqlx::Error>() {
+            Some(sqlx::Error::Database(db)) => matches!(db.code().as_deref(), Some("40001" | "40P01")),
+            _ => false,
         }
     }
 }

@@ -328,6 +328,10 @@ impl State {
             {
                 return Err(OAuthError::unauthorized_client("the actor agent is disabled"));
             }
+            if let Some(sid) = req.session {
+                let agent = child.as_ref().map(|c| c.agent.id).unwrap_or(parent.claims.agent);
+                self.check_session(parent.claims.tenant, agent, sid).await?;
+            }
             let fanout = self
                 .rt
                 .store
@@ -397,6 +401,9 @@ impl State {
         let p = self
             .authenticate_limited(r, subject_type, f.get("subject_token"))
             .await?;
+        if let Some(sid) = req.session {
+            self.check_session(p.tenant, p.agent.id, sid).await?;
+        }
         let plan = self.plan(&p, &req, None).await?;
         if !plan.approval_rules.is_empty() {
             return self.request_approval(r, &p, &req, &plan.approval_rules).await;
@@ -405,6 +412,27 @@ impl State {
         self.audit_mint(r, &plan.claims, p.via)?;
         self.metrics.mints.with_label_values(&["issued", p.via]).inc();
         Ok(self.issued(&token, &plan.claims, &plan.scopes))
+    }
+
+    /// A mandate may be bound only to an active session of the agent it is issued to.
+    async fn check_session(
+        &self,
+        tenant: caracal_shared::ids::TenantId,
+        agent: caracal_shared::ids::AgentId,
+        id: caracal_shared::ids::SessionId,
+    ) -> std::result::Result<(), OAuthError> {
+        let refuse = || OAuthError::invalid_request("session_id names no active session of this agent");
+        let s = match self.rt.store.session(tenant, id).await {
+            Ok(s) => s,
+            Err(e) if e.code == caracal_shared::error::ErrorCode::NotFound => return Err(refuse()),
+            Err(e) => return Err(e.into()),
+        };
+        if s.agent_id != agent
+            || s.effective_status(now_micros()) != caracal_shared::store::coordination::SessionStatus::Active
+        {
+            return Err(refuse());
+        }
+        Ok(())
     }
 
     async fn request_approval(

@@ -80,8 +80,23 @@ impl Upstream {
     }
 }
 
+/// A response body fed by a channel (a slow stream).
+pub struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
 /// An HTTP upstream that records each request and answers JSON (special paths: `/redirect`
-/// answers a redirect to the metadata address; `/status/<n>` answers that status).
+/// answers a redirect to the metadata address; `/status/<n>` answers that status; `/stream`
+/// streams a chunk every 50 ms).
 pub async fn upstream() -> Upstream {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -109,9 +124,28 @@ pub async fn upstream() -> Upstream {
                             headers,
                             body: body.clone(),
                         });
-                        let mut resp = http::Response::new(Full::new(Bytes::from(
-                            json!({"ok": true, "target": target, "len": body.len()}).to_string(),
-                        )));
+                        if target.ends_with("/stream") {
+                            // One chunk every 50 ms, at most 200 (bounded in time).
+                            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+                            tokio::spawn(async move {
+                                for i in 0..200 {
+                                    if tx.send(Bytes::from(format!("data: {i}\n\n"))).await.is_err() {
+                                        return;
+                                    }
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
+                            });
+                            let mut resp = http::Response::new(ChannelBody(rx).boxed());
+                            resp.headers_mut()
+                                .insert("content-type", "text/event-stream".parse().unwrap());
+                            return Ok::<_, Infallible>(resp);
+                        }
+                        let mut resp = http::Response::new(
+                            Full::new(Bytes::from(
+                                json!({"ok": true, "target": target, "len": body.len()}).to_string(),
+                            ))
+                            .boxed(),
+                        );
                         if target.ends_with("/redirect") {
                             *resp.status_mut() = http::StatusCode::FOUND;
                             resp.headers_mut()

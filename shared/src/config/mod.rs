@@ -141,6 +141,31 @@ pub struct ServiceAddr {
     pub listen: SocketAddr,
 }
 
+/// The coordinator: sessions, leases, invocations, cascading revocation. The `max_*` limits
+/// are per-tenant defaults; a tenant's own limits (`PUT /v1/limits`) replace them.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub listen: SocketAddr,
+    /// Session lifetime when the start request names none, and the longest allowed.
+    pub session_ttl: Duration,
+    pub max_session_ttl: Duration,
+    /// A session not heard from for this long expires (default; a start may ask for another).
+    pub heartbeat_timeout: Duration,
+    /// Longest lease TTL a holder may ask for.
+    pub max_lease_ttl: Duration,
+    /// Longest invocation deadline, and the retry ceiling per invocation.
+    pub max_invocation_deadline: Duration,
+    pub max_invocation_attempts: u32,
+    /// How often expired sessions, leases and invocations are swept.
+    pub sweep_interval: Duration,
+    pub max_active_sessions: u64,
+    pub max_leases: u64,
+    pub max_open_invocations: u64,
+    /// Most nodes (sessions and delegated mandates) one revocation may reach; beyond, the
+    /// revocation is refused as a whole (nothing half-revoked) and should be narrowed.
+    pub max_cascade: usize,
+}
+
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
     pub listen: SocketAddr,
@@ -239,7 +264,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub control: ControlConfig,
     pub sts: StsConfig,
-    pub coordinator: ServiceAddr,
+    pub coordinator: CoordinatorConfig,
     pub audit: AuditConfig,
     pub gateway: GatewayConfig,
 }
@@ -391,9 +416,47 @@ impl Config {
         if sts.max_delegation_depth < 1 || sts.max_delegation_fanout < 1 {
             src.invalid("sts.max_delegation_depth", "delegation limits must be at least 1");
         }
-        let coordinator = ServiceAddr {
+        let dur = |k: &str, d: u64| src.parse_with(k, Duration::from_secs(d), parse_duration);
+        let coordinator = CoordinatorConfig {
             listen: addr("coordinator.listen", DEFAULT_COORDINATOR_PORT),
+            session_ttl: dur("coordinator.session_ttl", 3600),
+            max_session_ttl: dur("coordinator.max_session_ttl", 7 * 86_400),
+            heartbeat_timeout: dur("coordinator.heartbeat_timeout", 120),
+            max_lease_ttl: dur("coordinator.max_lease_ttl", 3600),
+            max_invocation_deadline: dur("coordinator.max_invocation_deadline", 86_400),
+            max_invocation_attempts: src.get("coordinator.max_invocation_attempts", 10u32),
+            sweep_interval: src.parse_with("coordinator.sweep_interval", Duration::from_millis(500), parse_duration),
+            max_active_sessions: src.get("coordinator.max_active_sessions", 100_000u64),
+            max_leases: src.get("coordinator.max_leases", 10_000u64),
+            max_open_invocations: src.get("coordinator.max_open_invocations", 100_000u64),
+            max_cascade: src.get("coordinator.max_cascade", 100_000usize),
         };
+        if coordinator.session_ttl.is_zero() || coordinator.session_ttl > coordinator.max_session_ttl {
+            src.invalid(
+                "coordinator.session_ttl",
+                "must be positive and at most coordinator.max_session_ttl",
+            );
+        }
+        if coordinator.heartbeat_timeout < Duration::from_secs(1) {
+            src.invalid("coordinator.heartbeat_timeout", "must be at least 1s");
+        }
+        if coordinator.max_lease_ttl < Duration::from_secs(1)
+            || coordinator.max_invocation_deadline < Duration::from_secs(1)
+        {
+            src.invalid(
+                "coordinator.max_lease_ttl",
+                "lease and invocation limits must be at least 1s",
+            );
+        }
+        if !(1..=100).contains(&coordinator.max_invocation_attempts) {
+            src.invalid("coordinator.max_invocation_attempts", "must be between 1 and 100");
+        }
+        if coordinator.sweep_interval < Duration::from_millis(10) {
+            src.invalid("coordinator.sweep_interval", "must be at least 10ms");
+        }
+        if coordinator.max_cascade < 1 {
+            src.invalid("coordinator.max_cascade", "must be at least 1");
+        }
         let audit = AuditConfig {
             listen: addr("audit.listen", DEFAULT_AUDIT_PORT),
             head_interval: src.parse_with("audit.head_interval", Duration::from_secs(1), parse_duration),

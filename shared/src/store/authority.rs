@@ -147,7 +147,7 @@ pub struct Delegation {
     pub expires_at: Micros,
 }
 
-type DelegationRow = (
+pub(crate) type DelegationRow = (
     String,
     String,
     String,
@@ -162,9 +162,9 @@ type DelegationRow = (
     i64,
     i64,
 );
-const DELEGATION_COLS: &str = "id, tenant_id, parent_mandate, child_mandate, parent_agent, child_agent, parent_session, child_session, scope, revocation_ids, depth, created_at, expires_at";
+pub(crate) const DELEGATION_COLS: &str = "id, tenant_id, parent_mandate, child_mandate, parent_agent, child_agent, parent_session, child_session, scope, revocation_ids, depth, created_at, expires_at";
 
-fn delegation_from_row(r: DelegationRow) -> Result<Delegation> {
+pub(crate) fn delegation_from_row(r: DelegationRow) -> Result<Delegation> {
     Ok(Delegation {
         id: DelegationId::parse(&r.0)?,
         tenant_id: TenantId::parse(&r.1)?,

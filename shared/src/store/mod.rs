@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod agents;
 pub mod authority;
+pub mod coordination;
 pub mod entity;
 pub mod ledger;
 pub mod migrate;
