@@ -46,8 +46,8 @@ RINGS = {
     "gateway": {"bus", "internal", "seal"},
     "sts": {"bus", "internal", "seal", "pepper"},
     "control": {"bus", "internal", "seal", "pepper"},
-    "coordinator": {"bus", "internal"},
-    "audit": {"bus", "internal"},
+    "coordinator": {"bus", "internal", "pepper"},
+    "audit": {"bus", "internal", "seal", "pepper"},
     "migrate": {"bus", "internal"},
 }
 
@@ -646,12 +646,16 @@ def compose_config():
 
 
 def exported_metrics() -> set[str]:
+    """Metric names the code registers: `Opts::new("x")` / `HistogramOpts::new("x")` / `mk("x")`
+    under the `caracal` namespace, or a full name given to `Opts::new` or a plain
+    `IntCounter::new` / `Gauge::new` / … (no namespace: the name already starts with caracal_)."""
     names = {"caracal_build_info"}
+    ctor = r'(?:HistogramOpts::new|Opts::new|\bmk|\b(?:Int)?(?:Counter|Gauge)::new)'
     for crate in ("shared", "gateway", "sts", "control", "coordinator", "audit", "cli"):
         for f in (ROOT / crate / "src").rglob("*.rs"):
             text = f.read_text()
-            for n in re.findall(r'(?:HistogramOpts::new|Opts::new|\bmk)\(\s*"([a-z][a-z0-9_]*)"', text):
-                names.add(f"caracal_{n}")
+            for n in re.findall(ctor + r'\(\s*"([a-z][a-z0-9_]*)"', text):
+                names.add(n if n.startswith("caracal_") else f"caracal_{n}")
     return names
 
 
@@ -717,11 +721,22 @@ def grafana_structure():
 # ----------------------------------------------------------------------------- docs
 
 
-def control_routes() -> set[tuple[str, str]]:
-    text = (ROOT / "control" / "src" / "lib.rs").read_text()
+# Where each HTTP service declares its routes (`Router::new().get("/v1/…", …)…`).
+ROUTE_FILES = {
+    "control": ROOT / "control" / "src" / "lib.rs",
+    "sts": ROOT / "sts" / "src" / "lib.rs",
+    "coordinator": ROOT / "coordinator" / "src" / "api.rs",
+    "audit": ROOT / "audit" / "src" / "api.rs",
+}
+
+
+def api_routes() -> set[tuple[str, str]]:
+    """Every route of the control, STS, coordinator and audit APIs, plus the health endpoints."""
     routes = set()
-    for method, path in re.findall(r'\.(get|post|put|patch|delete)\(\s*"(/[^"]*)"', text):
-        routes.add((method.upper(), path))
+    for svc, f in ROUTE_FILES.items():
+        found = re.findall(r'\.(get|post|put|patch|delete)\(\s*"(/[^"]*)"', f.read_text())
+        assert found, f"no routes found in {f.relative_to(ROOT)} ({svc})"
+        routes |= {(m.upper(), p) for m, p in found}
     for method, path in (("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")):
         routes.add((method, path))
     return routes
@@ -744,7 +759,8 @@ def path_matches(doc_path: str, route: str) -> bool:
 @check("docs: runbooks reference only endpoints and commands that exist, or say (planned)")
 def docs_references():
     ops = (ROOT / "docs" / "operations.md").read_text()
-    routes = control_routes() | {("POST", "/oauth/token"), ("GET", "/.well-known/caracal-keys")}
+    routes = api_routes()
+    assert ("POST", "/oauth/token") in routes and ("POST", "/v1/revocations") in routes, "cannot read the routes"
     cmds = cli_commands()
     problems = []
     for i, line in enumerate(ops.splitlines(), 1):

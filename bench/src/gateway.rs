@@ -28,7 +28,7 @@ use serde_json::json;
 use crate::{Store, System};
 
 /// Resolves the benchmark's upstream name to loopback.
-struct BenchResolver;
+pub(crate) struct BenchResolver;
 
 #[async_trait]
 impl Resolver for BenchResolver {
@@ -42,7 +42,7 @@ impl Resolver for BenchResolver {
 }
 
 /// The upstream: a hyper HTTP/1.1 server answering a small JSON body, on its own thread.
-fn upstream() -> SocketAddr {
+pub(crate) fn upstream() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     l.set_nonblocking(true).unwrap();

@@ -29,6 +29,7 @@ struct Cli {
 
 mod audit;
 mod gateway;
+mod revocation;
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Store {
@@ -83,6 +84,13 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
+    /// Revocation propagation: revoke call returning → the last of two gateways refusing.
+    Revocation {
+        #[arg(long, value_enum, default_value = "postgres")]
+        store: Store,
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
+    },
 }
 
 impl Store {
@@ -122,6 +130,7 @@ fn main() {
                 only,
                 threads,
             } => gateway::run(store, seconds, connections, rate, only, threads).await,
+            Cmd::Revocation { store, iterations } => revocation::run(store, iterations).await,
         }
     });
 }

@@ -2,8 +2,8 @@
 # Generate the four key rings' first keys for deploy/compose/compose.yaml:
 #   bus-key       HMAC over every bus message              (every service)
 #   internal-key  service-to-service request signing       (every service)
-#   seal-key      key-encryption key for secrets at rest   (control, sts, gateway)
-#   pepper-key    keyed hash of API keys and admin tokens  (control, sts)
+#   seal-key      key-encryption key for secrets at rest   (control, sts, gateway, audit)
+#   pepper-key    keyed hash of API keys and admin tokens  (control, sts, coordinator, audit)
 # Each file holds `base64:` + 32 random bytes, the form `file:` secret specs expect.
 # Existing files are kept (re-running is safe): replacing a seal or pepper key loses access to
 # everything sealed or hashed under it. Rotation is documented in docs/operations.md.

@@ -1,5 +1,6 @@
 //! Command definitions and dispatch.
 
+mod coord;
 mod dev;
 mod evidence;
 mod serve;
@@ -44,6 +45,12 @@ pub enum Command {
     /// Check the ledger's Merkle tree against its signed heads (read-only).
     #[command(subcommand)]
     Merkle(evidence::MerkleCmd),
+    /// Agent sessions kept by the coordinator: list, show, revoke.
+    #[command(subcommand)]
+    Sessions(coord::SessionsCmd),
+    /// Revoke agents, sessions, delegations, credentials, mandates, revocation ids, the tenant
+    /// or resources — and everything they started — at every gateway, in one call.
+    Revoke(coord::RevokeArgs),
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,5 +71,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig { config } => serve::run_check(config),
         Command::Ledger(c) => evidence::run_ledger(c),
         Command::Merkle(c) => evidence::run_merkle(c),
+        Command::Sessions(c) => coord::run_sessions(c),
+        Command::Revoke(a) => coord::run_revoke(a),
     }
 }
