@@ -132,3 +132,44 @@ fn malformed_config_exits_non_zero_listing_every_problem() {
     assert_eq!(out.status.code(), Some(2));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A service that cannot run (here: the coordinator without `keys.pepper`) takes the process
+/// down with a non-zero exit and says why, instead of leaving it up half-working.
+#[test]
+fn a_service_that_cannot_start_exits_non_zero() {
+    let dir = std::env::temp_dir().join(format!("caracal-nostart-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("c.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = \"{d}\"\n[database]\nurl = \"sqlite://{d}/c.db\"\n[coordinator]\nlisten = \"127.0.0.1:0\"\n\
+             [keys.bus]\nactive = \"b1\"\n[keys.bus.keys]\n\"b1\" = \"hex:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\"\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let mut child = caracal()
+        .args(["serve", "coordinator", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the process kept running without its service");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains("keys.pepper"), "{text}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -101,9 +101,16 @@ pub fn run_serve(service: Service, config: Option<PathBuf>) -> ExitCode {
                     tracing::info!(service = name, %addr, "serving");
                 }
                 shutdown.wait().await;
+                let failed = running.failed();
                 running.stop(caracal_gateway::Stop::Graceful).await;
                 rt.store.close().await;
-                ExitCode::SUCCESS
+                if failed {
+                    // A service could not start or stopped with an error: exit non-zero so
+                    // the supervisor restarts it (and says why in the logs above).
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                }
             }
             Err(e) => {
                 eprintln!("{e}");
@@ -121,6 +128,7 @@ pub struct Running {
     gateway: Option<caracal_gateway::GatewayHandle>,
     shutdown: Shutdown,
     grace: Duration,
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, String> {
@@ -134,6 +142,7 @@ impl Running {
         let cfg = rt.config.clone();
         let mut addrs = Vec::new();
         let mut tasks = Vec::new();
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         tasks.push(tokio::spawn({
             let h = rt.spawn_relay();
             async move {
@@ -152,9 +161,15 @@ impl Running {
                     let l = bind($name, $addr).await?;
                     addrs.push(($name, l.local_addr().map_err(|e| e.to_string())?));
                     let rt = rt.clone();
+                    let failed = failed.clone();
                     tasks.push(tokio::spawn(async move {
+                        let sd = rt.shutdown.clone();
                         if let Err(e) = $serve(rt, l).await {
+                            // Fail fast: a service that cannot run takes the process down
+                            // rather than leaving the others up without it.
                             tracing::error!(service = $name, error = %e, "service stopped with an error");
+                            failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                            sd.trigger();
                         }
                     }));
                 }
@@ -190,7 +205,13 @@ impl Running {
             gateway,
             shutdown: rt.shutdown.clone(),
             grace: cfg.http.grace_period,
+            failed,
         })
+    }
+
+    /// Whether a service stopped with an error.
+    pub fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Trigger shutdown (if not already) and wait for every service to drain.
