@@ -159,30 +159,34 @@ pub async fn bootstrap_admin_token(rt: &Runtime) -> Result<Option<String>> {
         .pepper
         .clone()
         .ok_or_else(|| Error::new(ErrorCode::ValidationFailed, "keys.pepper is required"))?;
-    if !rt
-        .store
+    bootstrap_token(&rt.store, &pepper).await
+}
+
+/// [`bootstrap_admin_token`] on a bare store (the `caracal admin bootstrap-token` command).
+pub async fn bootstrap_token(store: &caracal_shared::store::Store, pepper: &KeyRing) -> Result<Option<String>> {
+    if store
         .admin_tokens(None)
         .await?
         .iter()
         .any(|t| t.tenant_id.is_none() && t.revoked_at.is_none())
     {
-        let mut tx = rt.store.begin().await?;
-        let (_, secret) = tx
-            .issue_admin_token(
-                &pepper,
-                None,
-                "bootstrap",
-                &[
-                    AdminScope::Read,
-                    AdminScope::Write,
-                    AdminScope::Approve,
-                    AdminScope::Audit,
-                ],
-                None,
-            )
-            .await?;
-        tx.commit().await?;
-        return Ok(Some(secret));
+        return Ok(None);
     }
-    Ok(None)
+    let mut tx = store.begin().await?;
+    let (_, secret) = tx
+        .issue_admin_token(
+            pepper,
+            None,
+            "bootstrap",
+            &[
+                AdminScope::Read,
+                AdminScope::Write,
+                AdminScope::Approve,
+                AdminScope::Audit,
+            ],
+            None,
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(Some(secret))
 }

@@ -211,7 +211,7 @@ impl Front {
                 .as_ref()
                 .ok_or_else(|| (Error::bad_request("CONNECT target must be host:port"), None, None))?;
             let c = gw
-                .authenticate(head.secret.as_deref(), cert.as_deref())
+                .authenticate(head.secret.as_deref(), cert.as_deref(), &head.request_id)
                 .await
                 .map_err(|e| (e, None, None))?;
             let r = self

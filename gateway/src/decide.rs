@@ -144,7 +144,12 @@ pub fn body_facts(body: &[u8]) -> (String, String) {
 impl Gateway {
     /// Steps 1-2: who, with which mandate. A secret (mandate or API key) in the request wins;
     /// without one, a client certificate verified by the mTLS listener is exchanged.
-    pub async fn authenticate(&self, secret: Option<&str>, cert: Option<&PeerCert>) -> Result<Arc<Cached>> {
+    pub async fn authenticate(
+        &self,
+        secret: Option<&str>,
+        cert: Option<&PeerCert>,
+        request_id: &str,
+    ) -> Result<Arc<Cached>> {
         if self.revocations.is_stale() {
             return Err(Error::new(
                 ErrorCode::RevocationFeedStale,
@@ -155,7 +160,7 @@ impl Gateway {
         let c = match (secret, cert) {
             (Some(secret), _) if mandate::is_mandate(secret) => self.verify_mandate(secret).await?,
             (Some(secret), _) if secret.starts_with(caracal_shared::store::agents::API_KEY_PREFIX) => {
-                self.mandate_for_api_key(secret).await?
+                self.mandate_for_api_key(secret, request_id).await?
             }
             (Some(_), _) => {
                 return Err(Error::new(
@@ -163,7 +168,7 @@ impl Gateway {
                     "the credential is neither a mandate nor an API key",
                 ));
             }
-            (None, Some(cert)) => self.mandate_for_cert(cert).await?,
+            (None, Some(cert)) => self.mandate_for_cert(cert, request_id).await?,
             (None, None) => {
                 return Err(Error::new(
                     ErrorCode::MandateMissing,

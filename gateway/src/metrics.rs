@@ -20,6 +20,8 @@ pub struct Metrics {
     pub tunnel_bytes: IntCounterVec,
     /// Responses cut mid-stream because their mandate was revoked.
     pub responses_cut: IntCounter,
+    /// Revocation event timestamp → applied here.
+    pub revocation_propagation: Histogram,
 }
 
 fn buckets() -> Vec<f64> {
@@ -85,8 +87,20 @@ impl Metrics {
             .namespace(NS),
         )
         .expect("metric");
+        let revocation_propagation = Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_revocation_propagation_seconds",
+                "Time from a revocation's event (written with its commit) to its application at this gateway",
+            )
+            .namespace(NS)
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )
+        .expect("metric");
         for c in [
-            Box::new(responses_cut.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(revocation_propagation.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(responses_cut.clone()),
             Box::new(decisions.clone()),
             Box::new(total.clone()),
             Box::new(added.clone()),
@@ -99,7 +113,16 @@ impl Metrics {
         ] {
             let _ = r.register(c);
         }
+        // Refusal reasons and tunnel decisions start at 0, so rates and ratios read 0 (not "no
+        // data") until the first one.
+        for code in caracal_shared::error::ErrorCode::ALL {
+            decisions.with_label_values(&["deny", code.as_str()]);
+        }
+        for d in ["allow", "deny"] {
+            tunnels.with_label_values(&[d]);
+        }
         Metrics {
+            revocation_propagation,
             responses_cut,
             allowed: decisions.with_label_values(&["allow", "ok"]),
             cache_hit: cache.with_label_values(&["hit"]),

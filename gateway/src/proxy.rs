@@ -260,7 +260,7 @@ impl Proxy {
         let gw = &self.gw;
         let cert = crate::mtls::peer_cert_of(session.digest().and_then(|d| d.ssl_digest.as_deref()));
         let c = gw
-            .authenticate(secret, cert.as_deref())
+            .authenticate(secret, cert.as_deref(), &ctx.request_id)
             .await
             .map_err(|e| (e, Partial::default()))?;
         let (r, path) = gw.select(&c, t, bound).map_err(|e| {

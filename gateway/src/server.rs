@@ -365,7 +365,10 @@ async fn spawn_feeds(gw: &Arc<Gateway>, rev_start: String) {
         },
         move |ev| match serde_json::from_value::<Revocation>(ev.body.clone()) {
             Ok(r) => {
-                if !g.revocations.apply(&r, ev.seq) {
+                let applied = g.revocations.apply(&r, ev.seq);
+                let age = (caracal_shared::time::now_micros() - ev.ts).max(0) as f64 / 1e6;
+                g.metrics.revocation_propagation.observe(age);
+                if !applied {
                     g.metrics.upstream_errors.with_label_values(&["revocation_gap"]).inc();
                     let _ = gap_tx.try_send(());
                 }

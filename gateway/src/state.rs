@@ -441,15 +441,15 @@ impl Gateway {
 
     /// Exchange an API key with the STS for a mandate — once per mandate lifetime: the result
     /// is cached and renewed when less than a fifth of its life remains.
-    pub async fn mandate_for_api_key(&self, key: &str) -> Result<Arc<Cached>> {
+    pub async fn mandate_for_api_key(&self, key: &str, request_id: &str) -> Result<Arc<Cached>> {
         let cache_key = caracal_shared::crypto::sha256(key.as_bytes());
-        self.exchange_cached(cache_key, TT_API_KEY, key).await
+        self.exchange_cached(cache_key, TT_API_KEY, key, request_id).await
     }
 
     /// Exchange a client certificate verified by the mTLS listener (the request to the STS is
     /// signed with the internal key: the STS trusts the gateway's attestation that the holder
     /// proved its key, and checks the chain and identity itself). Cached like API keys.
-    pub async fn mandate_for_cert(&self, cert: &PeerCert) -> Result<Arc<Cached>> {
+    pub async fn mandate_for_cert(&self, cert: &PeerCert, request_id: &str) -> Result<Arc<Cached>> {
         if !self.sts_signed {
             return Err(Error::new(
                 ErrorCode::Unavailable,
@@ -459,8 +459,13 @@ impl Gateway {
         let mut key = b"client-certificate:".to_vec();
         key.extend_from_slice(&cert.fingerprint);
         let cache_key = caracal_shared::crypto::sha256(&key);
-        self.exchange_cached(cache_key, TT_MTLS, &caracal_shared::crypto::b64url(&cert.der))
-            .await
+        self.exchange_cached(
+            cache_key,
+            TT_MTLS,
+            &caracal_shared::crypto::b64url(&cert.der),
+            request_id,
+        )
+        .await
     }
 
     async fn exchange_cached(
@@ -468,6 +473,7 @@ impl Gateway {
         cache_key: [u8; 32],
         subject_type: &str,
         subject_token: &str,
+        request_id: &str,
     ) -> Result<Arc<Cached>> {
         if let Some(c) = self.exchanged.get(&cache_key).await {
             let left = c.m.claims.expires_at - now_secs();
@@ -484,7 +490,8 @@ impl Gateway {
                     .sts
                     .post_form(
                         &url,
-                        &[],
+                        // The request id travels to the STS (one id across both services' logs).
+                        &[("x-request-id", request_id)],
                         &[
                             ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
                             ("subject_token_type", subject_type),

@@ -65,7 +65,7 @@ impl BusMetrics {
             let _ = registry.register(Box::new(c.clone()));
             c
         };
-        BusMetrics {
+        let m = BusMetrics {
             rejected: mk(
                 "bus_messages_rejected_total",
                 "Bus messages refused by verification",
@@ -78,7 +78,16 @@ impl BusMetrics {
                 "Sequence gaps noticed on sequenced streams",
                 &["stream"],
             ),
+        };
+        // Anomaly counters start at 0 for every stream (and reason), so dashboards and alerts
+        // see a series before the first anomaly rather than "no data".
+        for s in crate::bus::streams::ALL {
+            m.gaps.with_label_values(&[s]);
+            for r in crate::bus::envelope::Rejection::ALL {
+                m.rejected.with_label_values(&[s, r.as_str()]);
+            }
         }
+        m
     }
 
     /// Metrics not attached to any registry (tests).

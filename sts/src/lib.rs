@@ -64,6 +64,22 @@ impl Metrics {
         .expect("valid metric");
         let _ = r.register(Box::new(mints.clone()));
         let _ = r.register(Box::new(duration.clone()));
+        // Every refusal outcome starts at 0, so error rates read 0 (not "no data") until the
+        // first error.
+        for outcome in [
+            "invalid_request",
+            "invalid_client",
+            "invalid_grant",
+            "invalid_scope",
+            "invalid_target",
+            "unauthorized_client",
+            "unsupported_grant_type",
+            "access_denied",
+            "server_error",
+            "temporarily_unavailable",
+        ] {
+            mints.with_label_values(&[outcome, "-"]);
+        }
         Metrics { mints, duration }
     }
 }

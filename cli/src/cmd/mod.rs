@@ -45,12 +45,25 @@ pub enum Command {
     /// Check the ledger's Merkle tree against its signed heads (read-only).
     #[command(subcommand)]
     Merkle(evidence::MerkleCmd),
+    /// Operator bootstrap.
+    #[command(subcommand)]
+    Admin(AdminCmd),
     /// Agent sessions kept by the coordinator: list, show, revoke.
     #[command(subcommand)]
     Sessions(coord::SessionsCmd),
     /// Revoke agents, sessions, delegations, credentials, mandates, revocation ids, the tenant
     /// or resources — and everything they started — at every gateway, in one call.
     Revoke(coord::RevokeArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCmd {
+    /// Create the first platform admin token of a database and print it once (exit 3 when
+    /// one already exists).
+    BootstrapToken {
+        #[arg(long, short, env = "CARACAL_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +84,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig { config } => serve::run_check(config),
         Command::Ledger(c) => evidence::run_ledger(c),
         Command::Merkle(c) => evidence::run_merkle(c),
+        Command::Admin(AdminCmd::BootstrapToken { config }) => serve::run_bootstrap_token(config),
         Command::Sessions(c) => coord::run_sessions(c),
         Command::Revoke(a) => coord::run_revoke(a),
     }

@@ -69,6 +69,45 @@ pub fn run_migrate(config: Option<PathBuf>) -> ExitCode {
     })
 }
 
+/// `caracal admin bootstrap-token`: the first platform admin token of a production database,
+/// printed once (nothing is printed, exit 3, when an active platform token already exists).
+pub fn run_bootstrap_token(config: Option<PathBuf>) -> ExitCode {
+    let cfg = match load_config(config.as_deref()) {
+        Ok(c) => c,
+        Err(c) => return c,
+    };
+    let Some(pepper) = cfg.keys.pepper.clone() else {
+        eprintln!("keys.pepper is required (admin tokens are stored as a keyed hash)");
+        return ExitCode::from(2);
+    };
+    runtime().block_on(async move {
+        let store = match Store::open(&cfg.database).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cannot open the database: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let r = caracal_control::bootstrap_token(&store, &pepper).await;
+        store.close().await;
+        match r {
+            Ok(Some(secret)) => {
+                println!("{secret}");
+                eprintln!("a platform admin token (all scopes) was created; it is shown only this once");
+                ExitCode::SUCCESS
+            }
+            Ok(None) => {
+                eprintln!("an active platform admin token already exists; issue more with POST /v1/admin-tokens");
+                ExitCode::from(3)
+            }
+            Err(e) => {
+                eprintln!("cannot create the token: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
 pub fn run_serve(service: Service, config: Option<PathBuf>) -> ExitCode {
     let cfg = match load_config(config.as_deref()) {
         Ok(c) => c,

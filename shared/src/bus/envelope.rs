@@ -162,6 +162,17 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    pub const ALL: [Rejection; 8] = [
+        Rejection::Malformed,
+        Rejection::Unsigned,
+        Rejection::UnknownKey,
+        Rejection::Forged,
+        Rejection::WrongStream,
+        Rejection::Stale,
+        Rejection::Future,
+        Rejection::Replayed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Rejection::Malformed => "malformed",
