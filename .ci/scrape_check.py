@@ -205,6 +205,9 @@ p1 = "{key()}"
         api("POST", "/v1/grants", {"agent_id": agent["id"], "resource_id": res["id"],
                                    "policy_id": pol["policy"]["id"], "scopes": ["*"]})
 
+        # A budget on the resource (requests; never exhausted here): reservations and settlements.
+        api("POST", "/v1/budgets", {"name": "scrape-requests", "scope": {"kind": "resource", "id": res["id"]},
+                                    "unit": "requests", "limit": 1000000, "window": {"kind": "daily", "tz": "UTC"}})
         # A second resource whose upstream is down (nothing listens on its port).
         down_port = free_port()
         down = api("POST", "/v1/resources", {"name": "down", "base_url": f"http://127.0.0.1:{down_port}",

@@ -33,7 +33,7 @@ pub(crate) struct BenchResolver;
 #[async_trait]
 impl Resolver for BenchResolver {
     async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
-        if host == "api.bench" {
+        if host == "api.bench" || host == "api2.bench" {
             Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))])
         } else {
             Err(std::io::Error::other("unknown benchmark host"))
@@ -245,7 +245,30 @@ pub async fn run(store: Store, seconds: u64, connections: usize, rate: u64, only
             json!({"name": "read", "activate": true, "document": "rules:\n  - id: read\n    methods: [GET]\n    paths: [\"/v1/**\"]\n  - id: no-admin\n    effect: deny\n    paths: [\"/v1/admin/**\"]\n"}),
         )
         .await;
-    let (_, key) = sys.agent_with_grant("bench", &res, &pol).await;
+    let (agent, key) = sys.agent_with_grant("bench", &res, &pol).await;
+    // The same upstream as a second resource with a budget (requests, a limit never reached):
+    // the cost of reserving and settling on every request.
+    let res2 = sys
+        .api(
+            Method::POST,
+            "/v1/resources",
+            json!({"name": "api-budgeted", "base_url": format!("http://api2.bench:{port}"), "inject": {"kind": "bearer"},
+                   "credential": {"value": "sk-bench-upstream"}, "settings": {"egress_allow": ["127.0.0.1/32"]}}),
+        )
+        .await;
+    sys.api(
+        Method::POST,
+        "/v1/grants",
+        json!({"agent_id": agent, "resource_id": res2["id"], "policy_id": pol["policy"]["id"], "scopes": ["*"]}),
+    )
+    .await;
+    sys.api(
+        Method::POST,
+        "/v1/budgets",
+        json!({"name": "bench-requests", "scope": {"kind": "resource", "id": res2["id"]}, "unit": "requests",
+               "limit": 1_000_000_000_000i64, "window": {"kind": "daily", "tz": "UTC"}, "hard": true}),
+    )
+    .await;
     let mandate = sys.mandate(&key).await;
 
     let proxy_port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -283,6 +306,13 @@ pub async fn run(store: Store, seconds: u64, connections: usize, rate: u64, only
             connect: proxy,
             path: absolute.clone(),
             host: host.clone(),
+            auth: Some(format!("Bearer {mandate}")),
+        },
+        Target {
+            name: "governed gateway + budget",
+            connect: proxy,
+            path: format!("http://api2.bench:{port}/v1/models"),
+            host: format!("api2.bench:{port}"),
             auth: Some(format!("Bearer {mandate}")),
         },
     ];
@@ -357,6 +387,13 @@ pub async fn run(store: Store, seconds: u64, connections: usize, rate: u64, only
         added(99.0, &fixed[0]),
         added(50.0, &fixed[1]),
         added(99.0, &fixed[1]),
+    );
+    println!(
+        "Budgets (reserve + settle per request, {} store): throughput {:.2}× the governed path without budgets; added p50 {} p99 {} at {rate} req/s",
+        store.label(),
+        full[3].rps() / full[2].rps().max(1e-9),
+        fmt(fixed[3].pct(50.0).saturating_sub(fixed[2].pct(50.0))),
+        fmt(fixed[3].pct(99.0).saturating_sub(fixed[2].pct(99.0))),
     );
     let m = sys
         .client

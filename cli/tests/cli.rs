@@ -173,3 +173,42 @@ fn a_service_that_cannot_start_exits_non_zero() {
     assert!(text.contains("keys.pepper"), "{text}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `caracal ca export` prints the interception CA agents must trust (created on first use,
+/// key kept private); `caracal ca rotate` makes a new one and keeps the old in the bundle.
+#[test]
+fn ca_export_and_rotate() {
+    let dir = std::env::temp_dir().join(format!("caracal-ca-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("c.toml");
+    std::fs::write(&path, format!("data_dir = \"{}\"\n", dir.display())).unwrap();
+    let run = |args: &[&str]| {
+        let o = caracal().args(args).arg("--config").arg(&path).output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (code, pem, err) = run(&["ca", "export"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 1);
+    assert!(!pem.contains("PRIVATE KEY"), "the key never leaves the CA file");
+    let file = dir.join("intercept-ca.json");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    let (code, again, _) = run(&["ca", "export"]);
+    assert_eq!((code, again.as_str()), (Some(0), pem.as_str()), "stable until rotated");
+    let (code, _, err) = run(&["ca", "rotate"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, bundle, _) = run(&["ca", "export"]);
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2);
+    assert!(
+        bundle.ends_with(&pem) && !bundle.starts_with(&pem),
+        "new first, the old one still trusted"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -164,3 +164,111 @@ async fn live_has(rt: &caracal_shared::runtime::Runtime, key: &str) -> bool {
         .iter()
         .any(|r| r.key() == key)
 }
+
+macro_rules! on_both_backends_budgets {
+    ($($name:ident),* $(,)?) => {
+        mod budgets_sqlite { $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(caracal_shared::testing::Backend::Sqlite).await; })* }
+        mod budgets_postgres { $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(caracal_shared::testing::Backend::Postgres).await; })* }
+    };
+}
+on_both_backends_budgets!(budgets_show_reads_the_shared_ledger);
+
+async fn budgets_show_reads_the_shared_ledger(b: Backend) {
+    caracal_shared::telemetry::init_for_tests();
+    let Some(db) = TestDb::new(b).await else { return };
+    let bus = match b {
+        Backend::Sqlite => BusBackend::Embedded,
+        Backend::Postgres => BusBackend::Redis,
+    };
+    if bus == BusBackend::Redis && testing::test_bus(bus, &db.store).await.is_none() {
+        return;
+    }
+    let cfg = testing::test_config(&db.url, bus);
+    let sd = caracal_shared::shutdown::Shutdown::new();
+    let rt = caracal_shared::runtime::Runtime::start(cfg, sd.clone()).await.unwrap();
+    let admin = caracal_control::bootstrap_admin_token(&rt).await.unwrap().unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let rt2 = rt.clone();
+    tokio::spawn(async move { caracal_control::serve(rt2, l).await });
+    let c = HttpClient::unrestricted();
+    let u = format!("{url}/readyz");
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let (c, u) = (c.clone(), u.clone());
+            async move { c.get(&u).await.map(|r| r.status == 200).unwrap_or(false) }
+        })
+        .await
+    );
+    let auth = format!("Bearer {admin}");
+    let t = c
+        .send_json(
+            http::Method::POST,
+            &format!("{url}/v1/tenants"),
+            &[("authorization", &auth)],
+            &serde_json::json!({"name": "acme"}),
+        )
+        .await
+        .unwrap()
+        .json_value()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let h = [("authorization", auth.as_str()), ("x-caracal-tenant", t.as_str())];
+    let bud = c
+        .send_json(
+            http::Method::POST,
+            &format!("{url}/v1/budgets"),
+            &h,
+            &serde_json::json!({"name": "monthly-usd", "unit": "micros", "limit": 5_000_000, "window": {"kind": "monthly", "tz": "UTC"}}),
+        )
+        .await
+        .unwrap()
+        .json_value();
+    let id = caracal_shared::ids::BudgetId::parse(bud["id"].as_str().unwrap()).unwrap();
+    let budget: caracal_shared::store::admin::Budget = rt
+        .store
+        .get(caracal_shared::ids::TenantId::parse(&t).unwrap(), &id.to_string())
+        .await
+        .unwrap();
+    // A gateway's lease: 2 units reserved, then 1.25 spent.
+    let ledger = caracal_shared::budget_ledger::connect(&rt.config.bus).await.unwrap();
+    let w = caracal_shared::budget_ledger::window_of(&budget, now_micros());
+    let g = ledger
+        .grant(id, &w, budget.limit, 2_000_000, 1, 1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let show = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_caracal"))
+            .args(args)
+            .env("CARACAL_CONTROL_URL", &url)
+            .env("CARACAL_ADMIN_TOKEN", &admin)
+            .env("CARACAL_TENANT", &t)
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
+        )
+    };
+    let (code, out) = show(&["budgets", "show", "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["items"][0]["usage"]["reserved"], 2_000_000);
+    assert_eq!(v["items"][0]["usage"]["remaining"], 3_000_000);
+    ledger
+        .release(id, g.lease.as_deref().unwrap(), 1_250_000)
+        .await
+        .unwrap();
+    let (code, out) = show(&["budgets", "show", &id.to_string()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("monthly-usd") && out.contains("1250000") && out.contains("3750000"),
+        "{out}"
+    );
+    let (code, out) = show(&["budgets", "show", "bud_nope"]);
+    assert_eq!(code, 2, "{out}");
+    sd.trigger();
+    rt.store.close().await;
+    db.cleanup().await;
+}

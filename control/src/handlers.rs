@@ -859,14 +859,17 @@ struct BudgetBody {
 pub async fn budget_view(s: &State, b: &Budget) -> Result<Value> {
     let now = now_micros();
     let (start, end) = caracal_shared::budget::window_bounds(b, now);
-    let (spent, reserved) = s.budget_usage(b, start).await?;
+    let u = s.budget_usage(b).await?;
+    let resets = caracal_shared::budget_ledger::window_of(b, now).resets_at;
     let mut val = v(b)?;
     val["usage"] = json!({
         "window_start": caracal_shared::time::rfc3339(start),
         "window_end": caracal_shared::time::rfc3339(end),
-        "spent": spent,
-        "reserved": reserved,
-        "remaining": (b.limit - spent - reserved).max(0),
+        "resets_at": caracal_shared::time::rfc3339(resets),
+        "spent": u.spent,
+        "reserved": u.reserved,
+        "leases": u.leases,
+        "remaining": (b.limit - u.spent - u.reserved).max(0),
     });
     Ok(val)
 }

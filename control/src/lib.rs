@@ -26,6 +26,8 @@ pub struct State {
     /// Key-encryption key for sealed credentials and signing keys.
     pub seal: KeyRing,
     pub secret_dir: Option<PathBuf>,
+    /// The shared budget ledger (connected on first use).
+    ledger: tokio::sync::OnceCell<Arc<dyn caracal_shared::budget_ledger::BudgetLedger>>,
 }
 
 impl State {
@@ -41,17 +43,23 @@ impl State {
             pepper: keys.pepper.clone().ok_or_else(|| missing("pepper"))?,
             seal: keys.seal.clone().ok_or_else(|| missing("seal"))?,
             secret_dir: rt.config.control.secret_dir.clone(),
+            ledger: tokio::sync::OnceCell::new(),
             rt,
         })
     }
 
-    /// Settled spend and reservations of a budget window.
+    /// Spend and reservations counted now for a budget, from the shared ledger the gateways
+    /// reserve from.
     pub async fn budget_usage(
         &self,
         b: &caracal_shared::store::admin::Budget,
-        window_start: i64,
-    ) -> Result<(i64, i64)> {
-        self.rt.store.budget_usage(b.id, window_start).await
+    ) -> Result<caracal_shared::budget_ledger::LedgerUsage> {
+        let ledger = self
+            .ledger
+            .get_or_try_init(|| caracal_shared::budget_ledger::connect(&self.rt.config.bus))
+            .await?;
+        let w = caracal_shared::budget_ledger::window_of(b, caracal_shared::time::now_micros());
+        ledger.usage(b.id, &w).await
     }
 }
 

@@ -31,7 +31,8 @@ use crate::state::{Cached, Gateway, ResourceEntry};
 const MAX_HEAD: usize = 16 * 1024;
 
 /// A tunnel's decision: who, which resource, the deciding rule, the checked address.
-type Allowed = (Arc<Cached>, Arc<ResourceEntry>, String, std::net::SocketAddr);
+/// (No address: the tunnel is intercepted, each request inside is decided and routed itself.)
+type Allowed = (Arc<Cached>, Arc<ResourceEntry>, String, Option<std::net::SocketAddr>);
 /// A refusal and what was established before it.
 type Refused = (Error, Option<Arc<Cached>>, Option<Arc<ResourceEntry>>);
 
@@ -58,7 +59,7 @@ impl ServerApp for Front {
             }
         };
         if connect {
-            self.tunnel(stream).await;
+            self.tunnel(stream, shutdown).await;
             return None;
         }
         let mut next = self.proxy.process_new(stream, shutdown).await;
@@ -174,7 +175,7 @@ impl Front {
             })
     }
 
-    async fn tunnel(self: &Arc<Self>, mut client: Stream) {
+    async fn tunnel(self: &Arc<Self>, mut client: Stream, shutdown: &ShutdownWatch) {
         let gw = self.gw.clone();
         let source: Option<IpAddr> = client
             .get_socket_digest()
@@ -217,6 +218,10 @@ impl Front {
             let r = self
                 .select_tunnel(&c, &t.host, t.port)
                 .map_err(|e| (e, Some(c.clone()), None))?;
+            if r.res.settings.intercept_tls {
+                // Each request inside is decided on its own (and its destination checked).
+                return Ok((c, r, "intercept".to_string(), None));
+            }
             let facts = Facts {
                 method: "CONNECT",
                 host: &t.host,
@@ -231,7 +236,7 @@ impl Front {
                 .resolve(&r, &t.host, t.port)
                 .await
                 .map_err(|e| (e, Some(c.clone()), Some(r.clone())))?;
-            Ok((c, r, rule, addr))
+            Ok((c, r, rule, Some(addr)))
         }
         .await;
         let (c, r, addr) = match decided {
@@ -265,6 +270,10 @@ impl Front {
             }
         };
         let _ = r;
+        let Some(addr) = addr else {
+            self.intercept(client, head, target, c, shutdown).await;
+            return;
+        };
         let cfg = &gw.rt.config.gateway;
         let upstream = match crate::forward::dial(addr, &cfg.upstream_bind, cfg.upstream_connect_timeout).await {
             Ok(s) => s,
@@ -286,6 +295,53 @@ impl Front {
         gw.metrics.tunnels.with_label_values(&["allow"]).inc();
         gw.metrics.allowed.inc();
         relay(gw, client, upstream, head.rest, c).await;
+    }
+}
+
+impl Front {
+    /// Terminate the client's TLS with a certificate for the CONNECT's host and serve the
+    /// requests inside through the full request path.
+    async fn intercept(
+        self: &Arc<Self>,
+        mut client: Stream,
+        head: Head,
+        target: Option<Target>,
+        c: Arc<Cached>,
+        shutdown: &ShutdownWatch,
+    ) {
+        let gw = self.gw.clone();
+        let Some(t) = target else { return };
+        let established = async {
+            client.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await?;
+            client.flush().await
+        };
+        if established.await.is_err() {
+            return;
+        }
+        let stream: Stream = if head.rest.is_empty() {
+            client
+        } else {
+            Box::new(crate::mtls::Rewound::new(head.rest, client))
+        };
+        let ctx = crate::intercept::TunnelCtx {
+            secret: head.secret,
+            host: t.host.clone(),
+            port: t.port,
+        };
+        let inner = match gw.interceptor.accept(stream, ctx).await {
+            Ok(s) => s,
+            Err(e) => {
+                gw.metrics.tunnels.with_label_values(&["intercept_failed"]).inc();
+                tracing::debug!(host = %t.host, error = %e, "interception handshake failed");
+                return;
+            }
+        };
+        gw.metrics.tunnels.with_label_values(&["intercept"]).inc();
+        let _ = c;
+        let mut next = self.proxy.process_new(inner, shutdown).await;
+        while let Some(s) = next {
+            next = self.proxy.process_new(s, shutdown).await;
+        }
     }
 }
 

@@ -115,6 +115,12 @@ pub fn credential(header: &str) -> Option<String> {
 struct BodyProbe<'a> {
     #[serde(borrow, default)]
     model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    max_tokens: Option<i64>,
+    #[serde(default)]
+    max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    max_output_tokens: Option<i64>,
     #[serde(borrow, default)]
     method: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -127,17 +133,29 @@ struct ParamsProbe<'a> {
     name: Option<Cow<'a, str>>,
 }
 
-/// The JSON `model` field, and the MCP tool of a `tools/call`, of a request body.
-pub fn body_facts(body: &[u8]) -> (String, String) {
+/// What a JSON request body says: its `model`, the MCP tool of a `tools/call`, and the most
+/// output tokens it asks for (`max_tokens`, `max_completion_tokens` or `max_output_tokens`).
+#[derive(Debug, Default, Clone)]
+pub struct BodyFacts {
+    pub model: String,
+    pub tool: String,
+    pub max_tokens: Option<i64>,
+}
+
+pub fn body_facts(body: &[u8]) -> BodyFacts {
     match serde_json::from_slice::<BodyProbe<'_>>(body) {
         Ok(p) => {
             let tool = match (p.method.as_deref(), p.params.and_then(|x| x.name)) {
                 (Some("tools/call"), Some(n)) => n.into_owned(),
                 _ => String::new(),
             };
-            (p.model.map(|m| m.into_owned()).unwrap_or_default(), tool)
+            BodyFacts {
+                model: p.model.map(|m| m.into_owned()).unwrap_or_default(),
+                tool,
+                max_tokens: p.max_tokens.or(p.max_completion_tokens).or(p.max_output_tokens),
+            }
         }
-        Err(_) => (String::new(), String::new()),
+        Err(_) => BodyFacts::default(),
     }
 }
 
@@ -228,9 +246,29 @@ impl Gateway {
             return true;
         }
         let snap = self.snapshot();
+        if self
+            .budgets_for(&snap, c, r)
+            .iter()
+            .any(|b| b.unit != caracal_shared::store::admin::BudgetUnit::Requests)
+        {
+            return true;
+        }
         c.m.resource(r.res.id)
             .and_then(|rc| snap.active.get(&(c.m.claims.tenant, rc.policy)))
             .is_some_and(|(_, p)| p.rules.iter().any(|x| rule_needs(&x.matcher)))
+    }
+
+    /// The budgets a request of this mandate on this resource draws from.
+    pub fn budgets_for(
+        &self,
+        snap: &crate::state::Snapshot,
+        c: &Cached,
+        r: &ResourceEntry,
+    ) -> Vec<Arc<caracal_shared::store::admin::Budget>> {
+        match snap.budgets.get(&c.m.claims.tenant) {
+            None => Vec::new(),
+            Some(all) => crate::budget::Budgets::applicable(all, &c.m.claims.agent.to_string(), &r.res.id.to_string()),
+        }
     }
 
     /// Step 5-6: is exactly this request allowed? Returns the deciding rule.

@@ -10,9 +10,11 @@
 //! - [`forward`]: the gateway's own forwarder for large inspected bodies.
 //! - [`mtls`]: the mTLS listener (client certificates as a way in).
 
+pub mod budget;
 pub mod connect;
 pub mod decide;
 pub mod forward;
+pub mod intercept;
 pub mod metrics;
 pub mod mtls;
 pub mod proxy;

@@ -118,7 +118,7 @@ impl Metrics {
         for code in caracal_shared::error::ErrorCode::ALL {
             decisions.with_label_values(&["deny", code.as_str()]);
         }
-        for d in ["allow", "deny"] {
+        for d in ["allow", "deny", "intercept", "intercept_failed"] {
             tunnels.with_label_values(&[d]);
         }
         Metrics {

@@ -20,6 +20,7 @@ use pingora::proxy::FailToProxy;
 
 use crate::decide::{AuditInfo, Decision, Established, Target, body_facts, credential};
 use crate::forward::Forwarder;
+use crate::intercept::TunnelCtx;
 use crate::state::{Gateway, Injection};
 
 /// Largest body Pingora can replay to the upstream after the gateway read it.
@@ -47,6 +48,10 @@ pub struct Ctx {
     body: Option<Bytes>,
     /// Path and query to send upstream.
     forward_target: String,
+    /// Budgets reserved for this request, settled when it ends.
+    reservation: Option<crate::budget::Reservation>,
+    /// Reads usage from the response as it streams by (when a budget needs it).
+    usage: Option<caracal_shared::metering::UsageScanner>,
 }
 
 /// Write a Caracal JSON error. Authentication failures on the forward proxy answer 407 with
@@ -140,17 +145,24 @@ impl Proxy {
         matches!(self.mode, Mode::Forward)
     }
 
-    fn secret(&self, req: &RequestHeader) -> Option<String> {
+    fn secret(&self, req: &RequestHeader, tunnel: Option<&TunnelCtx>) -> Option<String> {
         let get = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
         match self.mode {
-            Mode::Forward => get("proxy-authorization").and_then(credential),
+            // Inside an intercepted tunnel the CONNECT's credential applies.
+            Mode::Forward => get("proxy-authorization")
+                .and_then(credential)
+                .or_else(|| tunnel.and_then(|t| t.secret.clone())),
             Mode::Sidecar { .. } => get("x-caracal-mandate")
                 .map(|s| s.trim().to_string())
                 .or_else(|| get("authorization").and_then(credential)),
         }
     }
 
-    fn target(&self, req: &RequestHeader) -> Result<(Target, Option<caracal_shared::ids::ResourceId>), Error> {
+    fn target(
+        &self,
+        req: &RequestHeader,
+        tunnel: Option<&TunnelCtx>,
+    ) -> Result<(Target, Option<caracal_shared::ids::ResourceId>), Error> {
         let raw =
             std::str::from_utf8(req.raw_path()).map_err(|_| Error::bad_request("the request target is not UTF-8"))?;
         let method = req.method.as_str().to_ascii_uppercase();
@@ -163,6 +175,32 @@ impl Proxy {
                 None => (if pq.is_empty() { "/".into() } else { pq.to_string() }, None),
             }
         };
+        if let Some(t) = tunnel {
+            // Inside an intercepted tunnel: origin-form, to the host the CONNECT named.
+            if !raw.starts_with('/') {
+                return Err(Error::bad_request("requests inside a tunnel are origin-form"));
+            }
+            if let Some(h) = req.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+                let (host, port) = split_host_port(h, t.port)?;
+                if host != t.host || port != t.port {
+                    return Err(Error::bad_request(
+                        "the request's Host is not the host the tunnel was opened to",
+                    ));
+                }
+            }
+            let (path, query) = split(raw);
+            return Ok((
+                Target {
+                    method,
+                    host: t.host.clone(),
+                    port: t.port,
+                    https: true,
+                    path,
+                    query,
+                },
+                None,
+            ));
+        }
         match &self.mode {
             Mode::Sidecar { tenant, resource } => {
                 let snap = self.gw.snapshot();
@@ -282,7 +320,7 @@ impl Proxy {
                 },
             )
         };
-        let (model, tool) = if gw.needs_body(&c, &r, &t.method) {
+        let body_facts_v = if gw.needs_body(&c, &r, &t.method) {
             let max = gw.rt.config.gateway.max_inspect_body;
             let too_big = || {
                 Error::new(
@@ -319,14 +357,14 @@ impl Proxy {
             ctx.body = Some(body);
             facts
         } else {
-            (String::new(), String::new())
+            Default::default()
         };
         let facts = Facts {
             method: &t.method,
             host: &t.host,
             path: &path,
-            model: &model,
-            tool: &tool,
+            model: &body_facts_v.model,
+            tool: &body_facts_v.tool,
         };
         let rule = gw.authorize(&c, &r, &facts).map_err(partial)?;
         let upstream_host = if bound.is_some() {
@@ -335,6 +373,52 @@ impl Proxy {
             t.host.clone()
         };
         let addr = gw.resolve(&r, &upstream_host, r.base_port).await.map_err(partial)?;
+        // Last step: reserve the worst case on every budget that applies.
+        let snap = gw.snapshot();
+        let budgets = gw.budgets_for(&snap, &c, &r);
+        if !budgets.is_empty() {
+            let body_len = ctx.body.as_ref().map(|b| b.len()).unwrap_or_else(|| {
+                session
+                    .req_header()
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0)
+            });
+            let tenant = snap
+                .tenant_names
+                .get(&c.m.claims.tenant)
+                .cloned()
+                .unwrap_or_else(|| std::sync::Arc::from(""));
+            let rfacts = caracal_shared::metering::RequestFacts {
+                model: body_facts_v.model.clone(),
+                max_tokens: body_facts_v.max_tokens,
+                body_len,
+            };
+            let reservation = gw
+                .budgets
+                .reserve(budgets, tenant, r.pricing.clone(), rfacts)
+                .await
+                .map_err(partial)?;
+            if let Some(res) = &reservation {
+                let holds: Vec<serde_json::Value> = res
+                    .holds
+                    .iter()
+                    .map(|h| serde_json::json!({ "budget_id": h.budget.id, "unit": h.budget.unit, "reserved": h.reserved }))
+                    .collect();
+                let ev = serde_json::json!({
+                    "type": "budget_reservation", "request_id": ctx.request_id, "agent": c.m.claims.agent,
+                    "mandate_id": c.m.claims.mandate_id, "resource": r.res.id, "model": body_facts_v.model, "holds": holds,
+                });
+                if let Err(e) = gw.audit.emit("metering", Some(c.m.claims.tenant), &ev) {
+                    // Not recorded, not forwarded.
+                    drop(reservation);
+                    return Err(partial(e));
+                }
+            }
+            ctx.reservation = reservation;
+        }
         Ok(Decision {
             mandate: c,
             resource: r,
@@ -440,6 +524,14 @@ impl Proxy {
         match self.fwd.send(d.addr, sni, ca, hreq).await {
             Ok((resp, lease)) => {
                 let (parts, mut body) = resp.into_parts();
+                if ctx.reservation.as_ref().is_some_and(|r| r.needs_usage()) {
+                    let ct = parts
+                        .headers
+                        .get(header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    ctx.usage = Some(caracal_shared::metering::UsageScanner::new(ct));
+                }
                 let mut rh = ResponseHeader::build(parts.status, Some(parts.headers.len()))?;
                 for (k, v) in parts.headers.iter() {
                     if k == header::CONNECTION || k == header::TRANSFER_ENCODING || k.as_str() == "keep-alive" {
@@ -460,6 +552,9 @@ impl Proxy {
                                 ));
                             }
                             if let Ok(data) = f.into_data() {
+                                if let Some(u) = ctx.usage.as_mut() {
+                                    u.feed(&data);
+                                }
                                 session.write_response_body(Some(data), false).await?;
                             }
                         }
@@ -487,6 +582,33 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Settle a request's budgets from what the response reported, and record it.
+    fn settle(&self, r: crate::budget::Reservation, ctx: &mut Ctx, failed: bool) {
+        let mut scanner = ctx.usage.take();
+        let usage = scanner.as_mut().and_then(|s| s.finish());
+        // A stream that ended early (client gone, upstream cut) is settled for what was
+        // delivered; anything else without usage at the worst case.
+        let cut_short = scanner
+            .as_ref()
+            .filter(|s| failed && (s.deltas > 0 || usage.is_some()))
+            .map(|s| s.delivered_output());
+        let model = r.facts.model.clone();
+        let settled = r.settle(usage, cut_short);
+        if let Some(d) = &ctx.decision {
+            let c = &d.mandate.m.claims;
+            let ev = serde_json::json!({
+                "type": "budget_settlement", "request_id": ctx.request_id, "agent": c.agent, "mandate_id": c.mandate_id,
+                "resource": d.resource.res.id, "model": model, "usage": usage, "cut_short": cut_short.is_some(),
+                "settled": settled,
+            });
+            if let Err(e) = self.gw.audit.emit("metering", Some(c.tenant), &ev) {
+                tracing::warn!(error = %e, request_id = %ctx.request_id, "a budget settlement could not be recorded");
+            }
+        }
+    }
+}
+
 /// What was established before a refusal.
 #[derive(Default)]
 struct Partial {
@@ -506,6 +628,8 @@ impl ProxyHttp for Proxy {
             decision: None,
             body: None,
             forward_target: String::new(),
+            reservation: None,
+            usage: None,
         }
     }
 
@@ -521,6 +645,13 @@ impl ProxyHttp for Proxy {
             mode: if self.proxy_auth() { "forward" } else { "sidecar" },
         };
         let gw = self.gw.clone();
+        let tunnel = gw
+            .interceptor
+            .tunnel_of(session.digest().and_then(|d| d.ssl_digest.as_deref()));
+        let info = AuditInfo {
+            mode: if tunnel.is_some() { "intercept" } else { info.mode },
+            ..info
+        };
         let via_loop = session
             .req_header()
             .headers
@@ -535,10 +666,10 @@ impl ProxyHttp for Proxy {
                 Partial::default(),
             ))
         } else {
-            match self.target(session.req_header()) {
+            match self.target(session.req_header(), tunnel.as_deref()) {
                 Err(e) => Err((e, None, Partial::default())),
                 Ok((t, bound)) => {
-                    let secret = self.secret(session.req_header());
+                    let secret = self.secret(session.req_header(), tunnel.as_deref());
                     match self.decide(session, &t, bound, secret.as_deref(), ctx).await {
                         Ok(d) => Ok((t, d)),
                         Err((e, partial)) => Err((e, Some(t), partial)),
@@ -556,6 +687,9 @@ impl ProxyHttp for Proxy {
                     rule: Some(&d.rule),
                 };
                 if let Err(e) = gw.audit_decision(true, "ok", &est, &info) {
+                    if let Some(mut r) = ctx.reservation.take() {
+                        r.abort();
+                    }
                     gw.metrics.decisions.with_label_values(&["deny", e.code.as_str()]).inc();
                     respond_error(session, &e, false, &ctx.request_id).await?;
                     return Ok(true);
@@ -652,6 +786,9 @@ impl ProxyHttp for Proxy {
 
     async fn logging(&self, _session: &mut Session, e: Option<&pingora::Error>, ctx: &mut Ctx) {
         self.gw.metrics.total.observe(ctx.started.elapsed().as_secs_f64());
+        if let Some(r) = ctx.reservation.take() {
+            self.settle(r, ctx, e.is_some());
+        }
         if let Some(e) = e
             && ctx.decision.is_some()
         {
@@ -663,15 +800,35 @@ impl ProxyHttp for Proxy {
         }
     }
 
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        if ctx.reservation.as_ref().is_some_and(|r| r.needs_usage()) {
+            let ct = resp
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            ctx.usage = Some(caracal_shared::metering::UsageScanner::new(ct));
+        }
+        Ok(())
+    }
+
     /// Cut a response in flight when its mandate is revoked (checked per body chunk: one
-    /// atomic load unless the revocation set changed).
+    /// atomic load unless the revocation set changed); read usage as it streams by.
     fn response_body_filter(
         &self,
         _session: &mut Session,
-        _body: &mut Option<Bytes>,
+        body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> pingora::Result<Option<std::time::Duration>> {
+        if let (Some(u), Some(b)) = (ctx.usage.as_mut(), body.as_ref()) {
+            u.feed(b);
+        }
         if let Some(d) = &ctx.decision
             && d.mandate.is_revoked(&self.gw.revocations)
         {

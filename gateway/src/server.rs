@@ -117,7 +117,24 @@ pub async fn start_with(
     let mut own = vec![proxy_addr, admin_addr];
     own.extend(sidecar_addrs.iter().copied());
     own.extend(cfg.gateway.tls_listen);
-    let gw = Arc::new(Gateway::new(rt.clone(), audit, metrics, resolver, own)?);
+    let ledger = caracal_shared::budget_ledger::connect(&cfg.bus).await?;
+    let budgets = crate::budget::Budgets::new(ledger, cfg.gateway.budget_lease_ttl, &registry);
+    let gw = Arc::new(Gateway::new(rt.clone(), audit, metrics, resolver, own, budgets)?);
+    {
+        // Renew active budget leases, release idle ones; give everything back at shutdown.
+        let g = gw.clone();
+        let sd = rt.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = sd.wait() => break,
+                }
+                g.budgets.maintain(Duration::from_secs(2)).await;
+            }
+            g.budgets.release_all().await;
+        });
+    }
 
     // Initial state, then the feeds. The revocation position is taken before reconciling so
     // nothing published in between is missed.

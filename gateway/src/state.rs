@@ -67,6 +67,8 @@ pub struct ResourceEntry {
     pub upstream_ca: Option<Arc<[pingora::utils::tls::WrappedX509]>>,
     /// The same CA as DER, for the gateway's own forwarder.
     pub upstream_ca_der: Option<Arc<Vec<Vec<u8>>>>,
+    /// Prices for budgets (`settings.pricing`).
+    pub pricing: Arc<caracal_shared::metering::Pricing>,
 }
 
 impl std::fmt::Debug for ResourceEntry {
@@ -175,6 +177,7 @@ impl ResourceEntry {
             operations,
             upstream_ca,
             upstream_ca_der,
+            pricing: Arc::new(res.settings.pricing.clone().unwrap_or_default()),
             res,
         })
     }
@@ -204,6 +207,9 @@ pub struct Snapshot {
     pub by_name: HashMap<(TenantId, String), ResourceId>,
     pub tenants: HashMap<String, TenantId>,
     pub active: HashMap<(TenantId, PolicyId), (i64, Arc<CompiledPolicy>)>,
+    /// Budgets by tenant, and tenant names (metric labels).
+    pub budgets: HashMap<TenantId, Vec<Arc<caracal_shared::store::admin::Budget>>>,
+    pub tenant_names: HashMap<TenantId, Arc<str>>,
 }
 
 /// The cache key of a mandate: its last 32 bytes (the end of the final block's signature and
@@ -278,6 +284,9 @@ pub struct Gateway {
     pub client_verifier: Arc<DynamicClientVerifier>,
     pub seal: KeyRing,
     compiled: moka::sync::Cache<(PolicyId, i64), Arc<CompiledPolicy>>,
+    pub budgets: Arc<crate::budget::Budgets>,
+    /// Issues certificates for intercepted hosts and tracks live tunnels.
+    pub interceptor: Arc<crate::intercept::Interceptor>,
 }
 
 impl Gateway {
@@ -287,6 +296,7 @@ impl Gateway {
         metrics: Metrics,
         resolver: Arc<dyn Resolver>,
         own: Vec<SocketAddr>,
+        budgets: Arc<crate::budget::Budgets>,
     ) -> Result<Gateway> {
         let cfg = &rt.config.gateway;
         let seal = rt.config.keys.seal.clone().ok_or_else(|| {
@@ -332,6 +342,10 @@ impl Gateway {
             client_verifier: DynamicClientVerifier::new(&[])?,
             seal,
             compiled: moka::sync::Cache::builder().max_capacity(10_000).build(),
+            budgets,
+            interceptor: Arc::new(crate::intercept::Interceptor::new(
+                &crate::intercept::CaFile::load_or_create(&crate::intercept::ca_path(&rt.config))?,
+            )?),
             rt,
         })
     }
@@ -367,6 +381,10 @@ impl Gateway {
         }
         for t in store.list_all_tenants(100_000).await? {
             snap.tenants.insert(t.name.clone(), t.id);
+            snap.tenant_names.insert(t.id, Arc::from(t.name.as_str()));
+        }
+        for b in store.all_budgets(1_000_000).await? {
+            snap.budgets.entry(b.tenant_id).or_default().push(Arc::new(b));
         }
         for (tenant, policy, version) in store.active_policy_versions().await? {
             let compiled = match self.compiled.get(&(policy, version)) {

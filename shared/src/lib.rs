@@ -9,6 +9,7 @@
 
 pub mod audit;
 pub mod budget;
+pub mod budget_ledger;
 pub mod bus;
 pub mod config;
 pub mod crypto;
@@ -20,6 +21,7 @@ pub mod ids;
 pub mod keys;
 pub mod ledger;
 pub mod mandate;
+pub mod metering;
 pub mod metrics;
 pub mod policy;
 pub mod ratelimit;

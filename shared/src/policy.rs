@@ -122,6 +122,21 @@ pub struct PolicyDocument {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
     pub rules: Vec<RuleDoc>,
+    /// Limits on delegating mandates issued under this policy (tighter than the STS's
+    /// configured limits; the tightest of a mandate's policies applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation: Option<DelegationLimits>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelegationLimits {
+    /// How many delegation steps below the original mandate (0: no delegation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_depth: Option<i64>,
+    /// How many live delegations one mandate may make.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_fanout: Option<i64>,
 }
 
 /// One problem in a policy document: where (a field path, and a line when known) and what.
@@ -230,6 +245,14 @@ pub fn validate(doc: &PolicyDocument) -> Vec<Problem> {
             message,
         })
     };
+    if let Some(d) = &doc.delegation {
+        if d.max_depth.is_some_and(|x| !(0..=32).contains(&x)) {
+            p("delegation.max_depth".into(), "must be between 0 and 32".into());
+        }
+        if d.max_fanout.is_some_and(|x| !(0..=100_000).contains(&x)) {
+            p("delegation.max_fanout".into(), "must be between 0 and 100000".into());
+        }
+    }
     if doc.version != SCHEMA_VERSION {
         p(
             "version".into(),

@@ -348,23 +348,18 @@ impl State {
                 let agent = child.as_ref().map(|c| c.agent.id).unwrap_or(parent.claims.agent);
                 self.check_session(parent.claims.tenant, agent, sid).await?;
             }
+            let (max_depth, max_fanout) = self.delegation_limits(&parent).await?;
             let fanout = self
                 .rt
                 .store
                 .delegation_count(parent.claims.tenant, parent.claims.mandate_id)
                 .await?;
-            if fanout >= self.rt.config.sts.max_delegation_fanout {
-                return Err(OAuthError::unauthorized_client(
-                    "delegation fan-out limit reached for this mandate",
-                ));
+            if fanout >= max_fanout {
+                return Err(OAuthError::unauthorized_client(format!(
+                    "delegation fan-out limit ({max_fanout}) reached for this mandate"
+                )));
             }
-            let (claims, scopes) = mint::delegate(
-                &parent,
-                child.as_ref(),
-                &req,
-                &restrictions,
-                self.rt.config.sts.max_delegation_depth,
-            )?;
+            let (claims, scopes) = mint::delegate(&parent, child.as_ref(), &req, &restrictions, max_depth)?;
             let token = self.sign(&claims)?;
             let child_ids = VerifiedMandate::verify(&token, self.caches.keyset().as_ref(), now_secs())
                 .map(|v| v.revocation_ids)
@@ -428,6 +423,31 @@ impl State {
         self.audit_mint(r, &plan.claims, p.via)?;
         self.metrics.mints.with_label_values(&["issued", p.via]).inc();
         Ok(self.issued(&token, &plan.claims, &plan.scopes))
+    }
+
+    /// Delegation limits for `parent`: the configured ones, tightened by every policy its
+    /// resources were granted under (the exact versions it was minted with).
+    async fn delegation_limits(&self, parent: &VerifiedMandate) -> std::result::Result<(i64, i64), OAuthError> {
+        let cfg = &self.rt.config.sts;
+        let (mut depth, mut fanout) = (cfg.max_delegation_depth, cfg.max_delegation_fanout);
+        let mut seen = std::collections::HashSet::new();
+        for rc in &parent.claims.resources {
+            if !seen.insert((rc.policy, rc.policy_version)) {
+                continue;
+            }
+            let v = self
+                .rt
+                .store
+                .policy_version(parent.claims.tenant, rc.policy, rc.policy_version)
+                .await?;
+            let doc: caracal_shared::policy::PolicyDocument = serde_json::from_value(v.normalized)
+                .map_err(|_| OAuthError::new("server_error", "a policy version could not be read"))?;
+            if let Some(d) = doc.delegation {
+                depth = depth.min(d.max_depth.unwrap_or(i64::MAX));
+                fanout = fanout.min(d.max_fanout.unwrap_or(i64::MAX));
+            }
+        }
+        Ok((depth, fanout))
     }
 
     /// A mandate may be bound only to an active session of the agent it is issued to.

@@ -368,6 +368,7 @@ pub fn delegate(
                 version: 1,
                 description: String::new(),
                 rules: vec![doc],
+                delegation: None,
             });
             if let Some(p) = check.first() {
                 return Err(OAuthError::invalid_request(format!(

@@ -35,6 +35,7 @@ on_both_backends!(
     approvals_release_exactly_one_mandate,
     key_rotation_under_load_never_breaks_a_valid_mandate,
     failed_auth_is_limited_per_source_and_client,
+    delegation_limits_come_from_the_policy,
 );
 
 fn verify(env_keys: &HashMap<u32, biscuit_auth::PublicKey>, token: &str) -> VerifiedMandate {
@@ -1038,5 +1039,53 @@ async fn failed_auth_is_limited_per_source_and_client(b: Backend) {
     assert!(r.headers.contains_key("retry-after"));
     // The real owner of another key, from the same source, is not locked out.
     assert_eq!(env.exchange_key(&key, &[]).await.status, 200);
+    env.stop().await;
+}
+
+/// A policy's `delegation` block tightens the STS's limits for mandates minted under it:
+/// fan-out per mandate and depth below the original.
+async fn delegation_limits_come_from_the_policy(b: Backend) {
+    let Some(env) = start(b, |_| {}).await else { return };
+    let res = env.resource("openai", "https://api.openai.com").await;
+    let doc = format!("{POLICY}\ndelegation:\n  max_depth: 1\n  max_fanout: 2\n");
+    let pol = env.policy("chat-limited", &doc).await;
+    let (_, key) = env.agent_with_key("researcher", &res, &pol, &["chat", "read"]).await;
+    let parent = env.exchange_key(&key, &[]).await.json_value()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let delegate = |subject: String| {
+        let env = &env;
+        async move {
+            env.token(&[
+                ("grant_type", EXCHANGE),
+                ("subject_token_type", MANDATE),
+                ("subject_token", subject.as_str()),
+                ("scope", "chat"),
+            ])
+            .await
+        }
+    };
+    let first = delegate(parent.clone()).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(delegate(parent.clone()).await.status, 200);
+    let third = delegate(parent.clone()).await;
+    assert_eq!(third.status, 400, "{}", third.text());
+    assert_eq!(third.json_value()["error"], "unauthorized_client");
+    assert!(third.text().contains("fan-out limit (2)"), "{}", third.text());
+    // Depth 1: the child cannot delegate again.
+    let child = first.json_value()["access_token"].as_str().unwrap().to_string();
+    let grand = delegate(child).await;
+    assert_eq!(grand.json_value()["error"], "unauthorized_client", "{}", grand.text());
+    assert!(grand.text().contains("depth limit (1)"), "{}", grand.text());
+    // Out-of-range limits are refused when the policy is written.
+    let bad = env
+        .api_raw(
+            Method::POST,
+            "/v1/policies/validate",
+            Some(json!({"document": format!("{POLICY}\ndelegation:\n  max_depth: 99\n")})),
+        )
+        .await;
+    assert!(bad.text().contains("delegation.max_depth"), "{}", bad.text());
     env.stop().await;
 }

@@ -1,5 +1,7 @@
 //! Command definitions and dispatch.
 
+mod budgets;
+mod ca;
 mod coord;
 mod dev;
 mod evidence;
@@ -48,6 +50,12 @@ pub enum Command {
     /// Operator bootstrap.
     #[command(subcommand)]
     Admin(AdminCmd),
+    /// The gateway's TLS interception CA: export the certificates agents trust, rotate it.
+    #[command(subcommand)]
+    Ca(ca::CaCmd),
+    /// Budgets: spend, reservations and what remains in the current window.
+    #[command(subcommand)]
+    Budgets(budgets::BudgetsCmd),
     /// Agent sessions kept by the coordinator: list, show, revoke.
     #[command(subcommand)]
     Sessions(coord::SessionsCmd),
@@ -85,6 +93,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Ledger(c) => evidence::run_ledger(c),
         Command::Merkle(c) => evidence::run_merkle(c),
         Command::Admin(AdminCmd::BootstrapToken { config }) => serve::run_bootstrap_token(config),
+        Command::Budgets(c) => budgets::run(c),
+        Command::Ca(c) => ca::run(c),
         Command::Sessions(c) => coord::run_sessions(c),
         Command::Revoke(a) => coord::run_revoke(a),
     }

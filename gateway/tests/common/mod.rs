@@ -83,6 +83,12 @@ impl Upstream {
 /// A response body fed by a channel (a slow stream).
 pub struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
 
+impl ChannelBody {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Self {
+        ChannelBody(rx)
+    }
+}
+
 impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
     type Error = Infallible;

@@ -229,6 +229,12 @@ pub struct GatewayConfig {
     /// How often revocations are reloaded from the database regardless of the feed (a
     /// successful reload also counts as fresh).
     pub revocation_reconcile_interval: Duration,
+    /// How long a budget lease lives without renewal (a gateway that dies gives its unused
+    /// budget back after this).
+    pub budget_lease_ttl: Duration,
+    /// The TLS interception CA file (default `<data_dir>/intercept-ca.json`, created on first
+    /// start). Every gateway replica must use the same file.
+    pub intercept_ca: Option<PathBuf>,
     /// This instance's name (in `Via`, for loop detection, and in metrics).
     pub id: String,
     /// Where to exchange API keys and client certificates for mandates.
@@ -478,6 +484,7 @@ impl Config {
                 Duration::from_secs(30),
                 parse_duration,
             ),
+            budget_lease_ttl: src.parse_with("gateway.budget_lease_ttl", Duration::from_secs(30), parse_duration),
             revocation_reconcile_interval: src.parse_with(
                 "gateway.revocation_reconcile_interval",
                 Duration::from_secs(10),
@@ -515,6 +522,7 @@ impl Config {
             }),
             tls_cert: src.opt("gateway.tls_cert"),
             tls_key: src.opt("gateway.tls_key"),
+            intercept_ca: src.opt("gateway.intercept_ca"),
             upstream_bind: src
                 .get::<Vec<String>>("gateway.upstream_bind", Vec::new())
                 .iter()
