@@ -81,7 +81,23 @@ impl GatewayHandle {
     }
 }
 
-struct AdminState;
+/// The admin listener's state: the interception CA bundle it publishes.
+struct AdminState {
+    ca_bundle: String,
+}
+
+/// `GET /ca.pem`: the certificates agents trust for intercepted hosts (public; what
+/// `caracal ca export` prints).
+async fn ca_pem(
+    s: Arc<AdminState>,
+    _r: caracal_shared::http::ApiRequest,
+) -> caracal_shared::error::Result<caracal_shared::http::Response> {
+    Ok(caracal_shared::http::text_response(
+        http::StatusCode::OK,
+        "application/x-pem-file",
+        s.ca_bundle.clone(),
+    ))
+}
 
 /// Start the gateway with the system resolver.
 pub async fn start(rt: Runtime, proxy_addr: SocketAddr, admin: TcpListener) -> Result<GatewayHandle> {
@@ -277,8 +293,12 @@ pub async fn start_with(
     health.probe_now().await;
     let server = caracal_shared::http::HttpServer::new(
         "gateway",
-        Router::<AdminState>::new(),
-        Arc::new(AdminState),
+        Router::<AdminState>::new().get("/ca.pem", ca_pem),
+        Arc::new(AdminState {
+            ca_bundle: crate::intercept::CaFile::load(&crate::intercept::ca_path(&rt.config))
+                .map(|c| c.bundle())
+                .unwrap_or_default(),
+        }),
         health,
         registry,
         caracal_shared::http::ServerOptions::from_config(&cfg.http),

@@ -5,6 +5,7 @@ mod ca;
 mod coord;
 mod dev;
 mod evidence;
+mod run;
 mod serve;
 
 use std::path::PathBuf;
@@ -47,6 +48,8 @@ pub enum Command {
     /// Check the ledger's Merkle tree against its signed heads (read-only).
     #[command(subcommand)]
     Merkle(evidence::MerkleCmd),
+    /// Run an agent command under authority: session, mandate, proxy and CA set for it.
+    Run(run::RunArgs),
     /// Operator bootstrap.
     #[command(subcommand)]
     Admin(AdminCmd),
@@ -94,6 +97,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Merkle(c) => evidence::run_merkle(c),
         Command::Admin(AdminCmd::BootstrapToken { config }) => serve::run_bootstrap_token(config),
         Command::Budgets(c) => budgets::run(c),
+        Command::Run(a) => run::run(a),
         Command::Ca(c) => ca::run(c),
         Command::Sessions(c) => coord::run_sessions(c),
         Command::Revoke(a) => coord::run_revoke(a),

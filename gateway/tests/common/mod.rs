@@ -513,3 +513,63 @@ pub async fn proxy_request(proxy: SocketAddr, method: &str, url: &str, headers: 
         body,
     }
 }
+
+/// An OpenAI-compatible mock over HTTPS (certificate for llm.test from `ca`); records the
+/// Authorization header of each call.
+pub async fn https_llm(ca: &caracal_shared::testing::pki::Ca) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let leaf = ca.server(&["llm.test"]);
+    let (chain, key) = leaf.identity();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { continue };
+            let (acceptor, seen) = (acceptor.clone(), s2.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else { return };
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        let auth = req
+                            .headers()
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string();
+                        seen.lock().unwrap().push(auth);
+                        let _ = req.into_body().collect().await;
+                        let out = json!({
+                            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+                            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}],
+                            "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+                        });
+                        let mut r = http::Response::new(Full::new(Bytes::from(out.to_string())));
+                        r.headers_mut()
+                            .insert("content-type", "application/json".parse().unwrap());
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Whether python3 can import `module`.
+pub fn python_has(module: &str) -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}

@@ -1,0 +1,263 @@
+//! `caracal run -- CMD`: real agent stacks, unchanged, under authority. The system (control,
+//! STS, coordinator, gateway) runs in-process on loopback; `caracal run` is the real binary and
+//! the children are real clients (curl, Python requests, the OpenAI SDK through an intercepted
+//! HTTPS tunnel). Success with the credential injected, a policy denial, budget exhaustion,
+//! revocation mid-run, exit codes, signals and the session's end.
+
+#[path = "../../gateway/tests/common/mod.rs"]
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use caracal_shared::testing::{Backend, eventually, pki::Ca, services_required};
+use common::*;
+use http::Method;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite { $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(caracal_shared::testing::Backend::Sqlite).await; })* }
+        mod postgres { $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(caracal_shared::testing::Backend::Postgres).await; })* }
+    };
+}
+
+on_both_backends!(agents_run_unchanged_under_authority);
+
+struct Sys {
+    env: Env,
+    coordinator: String,
+}
+
+async fn start_sys(b: Backend) -> Option<Sys> {
+    let env = start(b, |_| {}).await?;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let coordinator = format!("http://{}", l.local_addr().unwrap());
+    let rt = env.rt.clone();
+    tokio::spawn(async move { caracal_coordinator::serve(rt, l).await });
+    let c = env.client.clone();
+    let u = format!("{coordinator}/readyz");
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let (c, u) = (c.clone(), u.clone());
+            async move { c.get(&u).await.map(|r| r.status == 200).unwrap_or(false) }
+        })
+        .await
+    );
+    Some(Sys { env, coordinator })
+}
+
+impl Sys {
+    fn run(&self, args: &[&str]) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_caracal"));
+        c.arg("run")
+            .arg("--")
+            .args(args)
+            .env("CARACAL_GATEWAY", self.env.proxy.to_string())
+            .env("CARACAL_GATEWAY_ADMIN_URL", format!("http://{}", self.env.admin_addr))
+            .env("CARACAL_STS_URL", &self.env.rt.config.gateway.sts_url)
+            .env("CARACAL_COORDINATOR_URL", &self.coordinator)
+            .env("CARACAL_API_KEY", &self.env.key)
+            .kill_on_drop(true);
+        c
+    }
+
+    async fn sessions(&self) -> Vec<Value> {
+        let auth = format!("Bearer {}", self.env.admin);
+        let r = self
+            .env
+            .client
+            .get_with(
+                &format!("{}/v1/sessions?limit=200", self.coordinator),
+                &[("authorization", &auth), ("x-caracal-tenant", &self.env.tenant)],
+            )
+            .await
+            .unwrap();
+        r.json_value()["items"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+async fn agents_run_unchanged_under_authority(b: Backend) {
+    let Some(s) = start_sys(b).await else { return };
+    let api = s.env.api_url();
+
+    // curl over HTTP_PROXY: allowed, the credential injected, the mandate never upstream.
+    let out = s
+        .run(&["curl", "-sS", &format!("{api}/v1/models")])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"ok\":true"));
+    let seen = s.env.upstream.last();
+    assert_eq!(seen.headers["authorization"], "Bearer sk-upstream-secret-42");
+    assert!(!seen.headers.contains_key("proxy-authorization"));
+    // The run was a session, completed when the child exited 0.
+    let sessions = s.sessions().await;
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0]["status"], "completed");
+    assert_eq!(sessions[0]["labels"]["command"], "curl");
+
+    // A policy denial surfaces as the gateway's clear error; the child's exit code is returned
+    // and the session is failed.
+    let out = s
+        .run(&["sh", "-c", &format!("curl -s {api}/v1/admin/users; exit 3")])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert_eq!(
+        body["error"]["code"],
+        "policy_denied",
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(s.sessions().await.iter().any(|x| x["status"] == "failed"));
+
+    // An OpenAI-compatible upstream over HTTPS, intercepted; a token budget on it.
+    let upstream_ca = Ca::new("mock upstream CA");
+    let (addr, seen) = https_llm(&upstream_ca).await;
+    s.env.resolver.set("llm.test", &["127.0.0.1"]);
+    let res = s
+        .env
+        .api(
+            Method::POST,
+            "/v1/resources",
+            Some(json!({
+                "name": "openai", "base_url": format!("https://llm.test:{}", addr.port()), "inject": {"kind": "bearer"},
+                "credential": {"value": "sk-openai-real"},
+                "settings": {"egress_allow": ["127.0.0.1/32"], "intercept_tls": true, "upstream_ca_pem": upstream_ca.pem()}
+            })),
+        )
+        .await
+        .json_value()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let g = s
+        .env
+        .api(
+            Method::POST,
+            "/v1/grants",
+            Some(json!({"agent_id": s.env.agent, "resource_id": res, "policy_id": s.env.policy, "scopes": ["*"]})),
+        )
+        .await;
+    assert!(g.status.is_success());
+    let bud = s
+        .env
+        .api(
+            Method::POST,
+            "/v1/budgets",
+            Some(
+                json!({"name": "openai", "scope": {"kind": "resource", "id": res}, "unit": "tokens", "limit": 3000,
+                        "window": {"kind": "daily", "tz": "UTC"}}),
+            ),
+        )
+        .await;
+    assert!(bud.status.is_success());
+    let base = format!("https://llm.test:{}/v1", addr.port());
+    let sdk = format!(
+        "from openai import OpenAI, RateLimitError\n\
+         c = OpenAI(api_key='sk-ignored', base_url='{base}', max_retries=0)\n\
+         r = c.chat.completions.create(model='gpt-4o-mini', max_tokens=20, messages=[{{'role': 'user', 'content': 'hi'}}])\n\
+         print('ok', r.usage.total_tokens)\n\
+         try:\n    c.chat.completions.create(model='gpt-4o-mini', max_tokens=100000, messages=[])\n    print('not limited')\n\
+         except RateLimitError as e:\n    print('limited', e.status_code)\n"
+    );
+    for module in ["requests", "openai"] {
+        if !python_has(module) {
+            assert!(!services_required(), "python3 module {module} is required in CI");
+            eprintln!("SKIPPED: python3 module {module} is not installed");
+            return s.env.stop().await;
+        }
+    }
+    let out = s.run(&["python3", "-c", &sdk]).output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.lines().collect::<Vec<_>>(), vec!["ok 14", "limited 429"], "{text}");
+    assert_eq!(seen.lock().unwrap().last().unwrap(), "Bearer sk-openai-real");
+
+    // Revocation mid-run: a long-running agent (Python requests) is refused from the moment
+    // its session is revoked, without a restart.
+    let agent = format!(
+        "import requests, sys, time\n\
+         for i in range(200):\n    r = requests.get('{api}/v1/models')\n    print(r.status_code, flush=True)\n    \
+         if r.status_code == 403:\n        print(r.json()['error']['code'], flush=True)\n        sys.exit(0)\n    time.sleep(0.05)\n\
+         sys.exit(1)\n"
+    );
+    let mut child = s
+        .run(&["python3", "-c", &agent])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("200"));
+    let running = s
+        .sessions()
+        .await
+        .into_iter()
+        .find(|x| x["status"] == "active")
+        .expect("the running agent's session");
+    let sid = running["id"].as_str().unwrap().to_string();
+    let auth = format!("Bearer {}", s.env.admin);
+    let r = s
+        .env
+        .client
+        .send_json(
+            Method::POST,
+            &format!("{}/v1/revocations", s.coordinator),
+            &[("authorization", &auth), ("x-caracal-tenant", &s.env.tenant)],
+            &json!({"kind": "session", "value": sid, "reason": "test"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut rest = Vec::new();
+    while let Ok(Ok(Some(l))) = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await {
+        rest.push(l);
+    }
+    let status = child.wait().await.unwrap();
+    assert!(rest.contains(&"mandate_revoked".to_string()), "{rest:?}");
+    assert_eq!(status.code(), Some(0), "the agent saw the refusal: {rest:?}");
+
+    // Signals reach the child.
+    let mut child = s.run(&["sleep", "30"]).spawn().unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            s.sessions().await.iter().any(|x| x["status"] == "active")
+        })
+        .await
+    );
+    // SAFETY: signalling the child we spawned.
+    unsafe {
+        libc::kill(child.id().unwrap() as i32, libc::SIGTERM);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "the child's termination is reported"
+    );
+
+    // Without a credential, nothing runs.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_caracal"))
+        .args(["run", "--", "true"])
+        .env_remove("CARACAL_API_KEY")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CARACAL_API_KEY"));
+    s.env.stop().await;
+}
