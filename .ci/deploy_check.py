@@ -41,9 +41,11 @@ REQUESTS = {
     "coordinator": ("250m", "256Mi"),
     "audit": ("250m", "256Mi"),
 }
-# Key rings each component may see (least privilege: shared/src/config/mod.rs KeysConfig).
+# Key rings each component may see (least privilege: shared/src/config/mod.rs KeysConfig), by
+# the first word of their Secret entry / compose secret; "intercept" is the gateway's TLS
+# interception CA file (Secret entry `intercept-ca`, compose secret `caracal-intercept-ca`).
 RINGS = {
-    "gateway": {"bus", "internal", "seal"},
+    "gateway": {"bus", "internal", "seal", "intercept"},
     "sts": {"bus", "internal", "seal", "pepper"},
     "control": {"bus", "internal", "seal", "pepper"},
     "coordinator": {"bus", "internal", "pepper"},
@@ -293,6 +295,8 @@ def check_workloads(objs: list[dict], where: str, scaled: bool = True) -> list[s
         mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
         if not {"/etc/caracal", "/run/secrets/caracal", "/var/lib/caracal"} <= mounts:
             problems.append(f"{name}: must mount /etc/caracal, /run/secrets/caracal, /var/lib/caracal")
+        if comp == "gateway":
+            problems += intercept_ca_problems(pod, c, by_kind.get("ConfigMap", {}), name)
         args = c.get("args", [])
         if comp == "migrate":
             if args[:1] != ["migrate"]:
@@ -338,6 +342,27 @@ def check_workloads(objs: list[dict], where: str, scaled: bool = True) -> list[s
                         problems.append(f"{where}: NetworkPolicy {p['metadata']['name']} gives internet egress to {comp or 'every pod'}")
     if not by_kind.get("ServiceMonitor"):
         problems.append(f"{where}: no ServiceMonitor")
+    return problems
+
+
+def intercept_ca_problems(pod: dict, c: dict, configmaps: dict, name: str) -> list[str]:
+    """The gateway's TLS interception CA is one file shared by every replica: it must come from
+    the Secret (mounted read-only), and gateway.intercept_ca must point at it (the default,
+    under data_dir, would be a different CA per pod)."""
+    problems = []
+    items = {i["key"]: i["path"] for v in pod["volumes"] if v["name"] == "keys" for i in v["secret"]["items"]}
+    ca_items = [p for k, p in items.items() if k.startswith("intercept")]
+    if len(ca_items) != 1:
+        return [f"{name}: the keys volume must hold the interception CA entry once, has {ca_items}"]
+    if not all(m.get("readOnly") for m in c.get("volumeMounts", []) if m["name"] == "keys"):
+        problems.append(f"{name}: the keys volume (interception CA) must be mounted read-only")
+    cms = [cm for cm in configmaps.values() if "caracal.toml" in cm.get("data", {})]
+    if len(cms) != 1:
+        return problems + [f"{name}: expected one ConfigMap with caracal.toml, found {len(cms)}"]
+    want = f"/run/secrets/caracal/{ca_items[0]}"
+    have = tomllib.loads(cms[0]["data"]["caracal.toml"]).get("gateway", {}).get("intercept_ca")
+    if have != want:
+        problems.append(f"{name}: gateway.intercept_ca is {have!r}, expected the mounted Secret entry {want!r}")
     return problems
 
 
@@ -486,7 +511,7 @@ VARIANTS = {
             "databaseUrl": "postgres://caracal:pw@db:5432/caracal",
             "redisUrl": "redis://:pw@redis:6379",
             "keyMaterial": {"bus-key": "base64:AAAA", "internal-key": "base64:AAAA", "seal-key": "base64:AAAA",
-                            "seal-key-2": "base64:AAAA", "pepper-key": "base64:AAAA"},
+                            "seal-key-2": "base64:AAAA", "pepper-key": "base64:AAAA", "intercept-ca": "{}"},
         },
         "keys": {"seal": {"active": "seal_2", "keys": {"seal_1": "seal-key", "seal_2": "seal-key-2"}}},
         "gateway": {"autoscaling": {"enabled": False}, "pdb": {"enabled": False},
@@ -619,6 +644,12 @@ def compose_topology():
         nets = set(s.get("networks", []))
         if (comp == "gateway") != ("edge" in nets):
             problems.append(f"{comp}: only the gateway may join the internet-facing `edge` network")
+    # The interception CA: a compose secret given to the gateway, where gateway.intercept_ca points.
+    ca = toml.get("gateway", {}).get("intercept_ca")
+    if ca != "/run/secrets/caracal-intercept-ca":
+        problems.append(f"caracal.toml: gateway.intercept_ca is {ca!r}, expected /run/secrets/caracal-intercept-ca")
+    if "caracal-intercept-ca" not in doc.get("secrets", {}):
+        problems.append("no top-level secret caracal-intercept-ca")
     if svcs.get("migrate", {}).get("command", [])[:1] != ["migrate"]:
         problems.append("migrate: must run `caracal migrate`")
     published = sorted(n for n, s in svcs.items() if s.get("ports") and "profiles" not in s)
@@ -843,11 +874,63 @@ def binary_check_config():
     return f"with {b}"
 
 
+@check("compose: gen-secrets.sh makes the keys and the interception CA; `caracal ca` rotates it (when a binary is built)")
+def gen_secrets_and_ca():
+    """Runs a copy of gen-secrets.sh (so no .env or secrets land in the repository) with the
+    built binary, then the rotation steps of docs/operations.md on the CA file it made."""
+    b = find_binary()
+    if not b:
+        return "SKIPPED: no caracal binary (set CARACAL_BIN or build caracal-cli)"
+    problems = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        for f in ("gen-secrets.sh", ".env.example"):
+            (t / f).write_bytes((COMPOSE_DIR / f).read_bytes())
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CARACAL_BIN": str(b), "HOME": tmp}
+        for run in (1, 2):
+            r = subprocess.run(["bash", str(t / "gen-secrets.sh")], env=env, capture_output=True, text=True, timeout=120)
+            if r.returncode != 0:
+                return fail_if([f"gen-secrets.sh (run {run}) exited {r.returncode}: {r.stdout}{r.stderr}".strip()])
+            if run == 2 and "generated" in r.stdout:
+                problems.append(f"gen-secrets.sh regenerated existing files on a second run: {r.stdout}")
+        sec = t / "secrets"
+        declared = {Path(s["file"].split("}/", 1)[-1]).name for s in compose_doc()["secrets"].values()}
+        made = {p.name for p in sec.iterdir()}
+        if declared - made:
+            problems.append(f"gen-secrets.sh does not make {sorted(declared - made)} (compose.yaml secrets)")
+        ca = sec / "intercept-ca.json"
+        if not ca.is_file():
+            return fail_if(problems + ["gen-secrets.sh made no intercept-ca.json"])
+        if oct(ca.stat().st_mode & 0o777) != "0o444":
+            problems.append(f"intercept-ca.json mode {oct(ca.stat().st_mode & 0o777)}, expected 0444 (read by uid 10001)")
+        doc = json.loads(ca.read_text())
+        if not {"cert_pem", "key_pem", "previous"} <= set(doc):
+            problems.append(f"intercept-ca.json has fields {sorted(doc)}")
+        # The runbook: export the bundle, rotate, export again (new + previous certificate).
+        ca_env = {**env, "CARACAL__GATEWAY__INTERCEPT_CA": str(ca)}
+
+        def caracal(*args):
+            r = subprocess.run([str(b), "ca", *args, "--config", "/dev/null"], env=ca_env, capture_output=True, text=True, timeout=60)
+            if r.returncode != 0:
+                problems.append(f"caracal ca {' '.join(args)}: exit {r.returncode}: {r.stdout}{r.stderr}".strip())
+            return r.stdout
+
+        before = caracal("export").count("BEGIN CERTIFICATE")
+        caracal("rotate")
+        after = caracal("export").count("BEGIN CERTIFICATE")
+        if (before, after) != (1, 2):
+            problems.append(f"bundle has {before} certificate(s) before rotation and {after} after, expected 1 and 2")
+        if json.loads(ca.read_text()).get("cert_pem") == doc["cert_pem"]:
+            problems.append("caracal ca rotate did not replace the CA certificate")
+    fail_if(problems)
+    return f"with {b}"
+
+
 def main() -> int:
     checks = [
         k8s_schema, k8s_kustomization, k8s_workloads, k8s_config,
         helm_structure, helm_values_documented, helm_lint, helm_render_validate, helm_matches_plain,
-        compose_topology, compose_config,
+        compose_topology, compose_config, gen_secrets_and_ca,
         metrics_consistency, grafana_structure, docs_references,
         binary_check_config,
     ]

@@ -18,6 +18,7 @@ async fn dev_serves_all_five_services_and_stops_cleanly_on_ctrl_c() {
         .arg("dev")
         .arg("--data-dir")
         .arg(&dir)
+        .env("CARACAL_DEMO_PORT", "0")
         .env("CARACAL__CONTROL__LISTEN", "127.0.0.1:0")
         .env("CARACAL__STS__LISTEN", "127.0.0.1:0")
         .env("CARACAL__COORDINATOR__LISTEN", "127.0.0.1:0")

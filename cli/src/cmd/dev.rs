@@ -21,6 +21,71 @@ pub struct DevArgs {
     /// Where the embedded database and generated keys live.
     #[arg(long, default_value = ".caracal", env = "CARACAL_DATA_DIR")]
     pub data_dir: PathBuf,
+    /// Port of the demo upstream (an OpenAI-compatible mock served by this process, reached
+    /// through the gateway as http://demo.caracal.test:<port>).
+    #[arg(long, default_value_t = 7406, env = "CARACAL_DEMO_PORT")]
+    pub demo_port: u16,
+}
+
+/// The demo upstream's host name: reserved (`.test`), resolved to loopback by the dev gateway
+/// only, so agents under `caracal run` (which bypass the proxy for loopback) still go through
+/// the gateway.
+pub const DEMO_HOST: &str = "demo.caracal.test";
+
+/// Resolves the demo host to loopback; everything else through the system.
+struct DevResolver;
+
+#[async_trait::async_trait]
+impl caracal_shared::egress::Resolver for DevResolver {
+    async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
+        if host.eq_ignore_ascii_case(DEMO_HOST) {
+            return Ok(vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))]);
+        }
+        caracal_shared::egress::SystemResolver.resolve(host, port).await
+    }
+}
+
+/// The demo upstream: `/v1/models`, `/v1/chat/completions` (with usage), anything else 200.
+async fn demo_upstream(port: u16) -> std::io::Result<u16> {
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let port = l.local_addr()?.port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { continue };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    use http_body_util::BodyExt;
+                    let path = req.uri().path().to_string();
+                    let auth = req
+                        .headers()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .map(|v| v.starts_with("Bearer sk-demo-upstream"))
+                        .unwrap_or(false);
+                    let _ = req.into_body().collect().await;
+                    let body = if path.ends_with("/chat/completions") {
+                        serde_json::json!({"id": "chatcmpl-demo", "object": "chat.completion", "model": "gpt-4o-mini",
+                            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hello from the demo upstream."}}],
+                            "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}})
+                    } else if path == "/v1/models" {
+                        serde_json::json!({"object": "list", "data": [{"id": "gpt-4o-mini"}], "credential_injected_by_gateway": auth})
+                    } else {
+                        serde_json::json!({"ok": true, "path": path})
+                    };
+                    let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body.to_string())));
+                    r.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                    Ok::<_, std::convert::Infallible>(r)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(port)
 }
 
 const KEY_PURPOSES: &[&str] = &["bus", "internal", "seal", "pepper"];
@@ -103,7 +168,18 @@ pub fn run(args: DevArgs) -> ExitCode {
             Service::Audit,
             Service::Gateway,
         ];
-        let running = match Running::start(&rt, &all).await {
+        let demo_port = match demo_upstream(args.demo_port).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!(
+                    "cannot serve the demo upstream on 127.0.0.1:{}: {e} (change it with --demo-port)",
+                    args.demo_port
+                );
+                shutdown.trigger();
+                return ExitCode::FAILURE;
+            }
+        };
+        let running = match Running::start_with(&rt, &all, std::sync::Arc::new(DevResolver)).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("{e}");
@@ -111,7 +187,7 @@ pub fn run(args: DevArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let seed = match seed(&rt).await {
+        let seed = match seed(&rt, &running, demo_port).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("cannot seed the development data: {e}");
@@ -134,11 +210,14 @@ pub fn run(args: DevArgs) -> ExitCode {
 pub struct Seed {
     pub admin_token: String,
     pub tenant_id: String,
+    pub agent_id: String,
+    pub api_key: String,
+    pub demo_port: u16,
 }
 
 /// First start: a platform admin token (kept in the data directory so every start can print it)
 /// and a `demo` tenant.
-async fn seed(rt: &Runtime) -> Result<Seed, String> {
+async fn seed(rt: &Runtime, running: &Running, demo_port: u16) -> Result<Seed, String> {
     let token_path = rt.config.data_dir.join("admin-token");
     let admin_token = match std::fs::read_to_string(&token_path) {
         Ok(t) => t.trim().to_string(),
@@ -172,10 +251,164 @@ async fn seed(rt: &Runtime) -> Result<Seed, String> {
             t
         }
     };
-    Ok(Seed {
+    let tenant_id = tenant.id.to_string();
+    let (agent_id, api_key) = seed_demo(rt, running, &admin_token, &tenant_id, demo_port).await?;
+    let seed = Seed {
         admin_token,
-        tenant_id: tenant.id.to_string(),
-    })
+        tenant_id,
+        agent_id,
+        api_key,
+        demo_port,
+    };
+    write_env(rt, running, &seed)?;
+    Ok(seed)
+}
+
+/// The demo: an agent with an API key, the demo upstream as a resource with a policy (reads
+/// and chat allowed, admin paths denied) and a small token budget. Through the control API,
+/// once (the API key is kept in the data directory).
+async fn seed_demo(
+    rt: &Runtime,
+    running: &Running,
+    admin: &str,
+    tenant: &str,
+    demo_port: u16,
+) -> Result<(String, String), String> {
+    let key_path = rt.config.data_dir.join("demo-api-key");
+    let control = running
+        .addrs
+        .iter()
+        .find(|(n, _)| *n == "control")
+        .map(|(_, a)| format!("http://{a}"))
+        .ok_or("the control service is not running")?;
+    let c = caracal_shared::http::client::HttpClient::unrestricted();
+    let auth = format!("Bearer {admin}");
+    let h = [("authorization", auth.as_str()), ("x-caracal-tenant", tenant)];
+    let call = |m: http::Method, path: &str, body: serde_json::Value| {
+        let (c, url, h) = (c.clone(), format!("{control}{path}"), h);
+        async move {
+            let r = c
+                .send_json(m, &url, &h, &body)
+                .await
+                .map_err(|e| e.message.to_string())?;
+            if !r.status.is_success() {
+                return Err(format!("{url}: {}", r.text()));
+            }
+            Ok::<serde_json::Value, String>(r.json_value())
+        }
+    };
+    if let Ok(k) = std::fs::read_to_string(&key_path) {
+        let agents = call(http::Method::GET, "/v1/agents?limit=200", serde_json::Value::Null).await;
+        let id = agents
+            .ok()
+            .and_then(|v| {
+                v["items"]
+                    .as_array()?
+                    .iter()
+                    .find(|a| a["name"] == "demo-agent")
+                    .and_then(|a| a["id"].as_str().map(String::from))
+            })
+            .unwrap_or_default();
+        return Ok((id, k.trim().to_string()));
+    }
+    let res = call(
+        http::Method::POST,
+        "/v1/resources",
+        serde_json::json!({
+            "name": "demo-llm", "description": "The demo upstream served by caracal dev",
+            "base_url": format!("http://{DEMO_HOST}:{demo_port}"), "inject": {"kind": "bearer"},
+            "credential": {"value": "sk-demo-upstream-key"},
+            "settings": {"egress_allow": ["127.0.0.1/32"],
+                         "pricing": {"models": [{"model": "gpt-4o-mini", "input_per_mtok": 150000, "output_per_mtok": 600000}]}}
+        }),
+    )
+    .await?;
+    let pol = call(
+        http::Method::POST,
+        "/v1/policies",
+        serde_json::json!({"name": "demo", "activate": true, "document": DEMO_POLICY}),
+    )
+    .await?;
+    let agent = call(
+        http::Method::POST,
+        "/v1/agents",
+        serde_json::json!({"name": "demo-agent"}),
+    )
+    .await?;
+    let agent_id = agent["id"].as_str().unwrap_or("").to_string();
+    let key = call(
+        http::Method::POST,
+        &format!("/v1/agents/{agent_id}/api-keys"),
+        serde_json::json!({}),
+    )
+    .await?["secret"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    call(
+        http::Method::POST,
+        "/v1/grants",
+        serde_json::json!({"agent_id": agent_id, "resource_id": res["id"], "policy_id": pol["policy"]["id"], "scopes": ["*"]}),
+    )
+    .await?;
+    call(
+        http::Method::POST,
+        "/v1/budgets",
+        serde_json::json!({"name": "demo-tokens", "scope": {"kind": "resource", "id": res["id"]}, "unit": "tokens",
+                           "limit": 2000, "window": {"kind": "daily", "tz": "UTC"}}),
+    )
+    .await?;
+    write_private(&key_path, &format!("{key}\n")).map_err(|e| e.to_string())?;
+    Ok((agent_id, key))
+}
+
+const DEMO_POLICY: &str = r#"description: The caracal dev demo
+rules:
+  - id: read
+    methods: [GET]
+    paths: ["/v1/**"]
+  - id: chat
+    methods: [POST]
+    paths: ["/v1/chat/completions"]
+    models: ["gpt-4o-mini"]
+  - id: no-admin
+    effect: deny
+    paths: ["/v1/admin/**"]
+"#;
+
+/// `<data_dir>/demo.env`: the variables the quickstart's commands use (`source` it).
+fn write_env(rt: &Runtime, running: &Running, s: &Seed) -> Result<(), String> {
+    let addr = |n: &str| {
+        running
+            .addrs
+            .iter()
+            .find(|(x, _)| *x == n)
+            .map(|(_, a)| a.to_string())
+            .unwrap_or_default()
+    };
+    let text = format!(
+        "# Written by `caracal dev` for the quickstart (development secrets).\n\
+         export CARACAL_ADMIN_TOKEN={admin}\nexport CARACAL_TENANT={tenant}\nexport CARACAL_API_KEY={key}\n\
+         export DEMO_AGENT={agent}\nexport DEMO_URL=http://{DEMO_HOST}:{port}\n\
+         export CARACAL_PROXY=http://demo-agent:{key}@{gw}\n\
+         export CARACAL_GATEWAY={gw}\nexport CARACAL_GATEWAY_ADMIN_URL=http://{gwa}\n\
+         export CARACAL_CONTROL_URL=http://{control}\nexport CARACAL_STS_URL=http://{sts}\n\
+         export CARACAL_COORDINATOR_URL=http://{coord}\nexport CARACAL_AUDIT_URL=http://{audit}\n",
+        admin = s.admin_token,
+        tenant = s.tenant_id,
+        key = s.api_key,
+        agent = s.agent_id,
+        port = s.demo_port,
+        gw = addr("gateway"),
+        gwa = addr("gateway-admin"),
+        control = addr("control"),
+        sts = addr("sts"),
+        coord = addr("coordinator"),
+        audit = addr("audit"),
+    );
+    let path = rt.config.data_dir.join("demo.env");
+    let _ = std::fs::remove_file(&path);
+    write_private(&path, &text).map_err(|e| e.to_string())
 }
 
 fn print_banner(rt: &Runtime, running: &Running, seed: &Seed) {
@@ -184,26 +417,33 @@ fn print_banner(rt: &Runtime, running: &Running, seed: &Seed) {
     for (name, addr) in &running.addrs {
         out.push_str(&format!("  {name:<14} http://{addr}\n"));
     }
-    out.push_str(&format!("\n  data directory  {}\n", rt.config.data_dir.display()));
     out.push_str(&format!(
-        "  admin token     {}   (platform scope; also in {}/admin-token)\n",
-        seed.admin_token,
-        rt.config.data_dir.display()
+        "  demo upstream  http://{DEMO_HOST}:{} (through the gateway)\n",
+        seed.demo_port
+    ));
+    let dir = rt.config.data_dir.display();
+    out.push_str(&format!("\n  data directory  {dir}\n"));
+    out.push_str(&format!(
+        "  admin token     {}   (platform scope; also in {dir}/admin-token)\n",
+        seed.admin_token
     ));
     out.push_str(&format!("  demo tenant     {}\n", seed.tenant_id));
-    out.push_str("\nFirst steps:\n");
-    for (name, addr) in &running.addrs {
-        if *name == "control" {
-            out.push_str(&format!(
-                "  export CARACAL_ADMIN_TOKEN={} CARACAL_TENANT={}\n",
-                seed.admin_token, seed.tenant_id
-            ));
-            out.push_str(&format!(
-                "  curl -s http://{addr}/v1/agents -H \"Authorization: Bearer $CARACAL_ADMIN_TOKEN\" -H \"X-Caracal-Tenant: $CARACAL_TENANT\"\n"
-            ));
-            out.push_str(&format!("  curl -s http://{addr}/v1/openapi.json | head -c 200\n"));
-        }
-    }
+    out.push_str(&format!(
+        "  demo agent      {} (API key in {dir}/demo-api-key)\n",
+        seed.agent_id
+    ));
+    out.push_str(&format!(
+        "\nTry it (in another terminal):\n\
+         \x20 source {dir}/demo.env\n\
+         \x20 curl -s -x \"$CARACAL_PROXY\" \"$DEMO_URL/v1/models\"                 # allowed: the gateway injects the upstream key\n\
+         \x20 curl -s -x \"$CARACAL_PROXY\" \"$DEMO_URL/v1/admin/users\"            # denied by policy (403)\n\
+         \x20 curl -s -x \"$CARACAL_PROXY\" \"$DEMO_URL/v1/chat/completions\" -H 'content-type: application/json' \\\n\
+         \x20      -d '{{\"model\":\"gpt-4o-mini\",\"max_tokens\":5000,\"messages\":[]}}'    # over budget (429)\n\
+         \x20 caracal run -- curl -s \"$DEMO_URL/v1/models\"                        # a whole agent run as a session\n\
+         \x20 caracal budgets show\n\
+         \x20 caracal ledger query --agent-id \"$DEMO_AGENT\"\n\
+         \x20 caracal merkle verify-range --start 2000-01-01 --end 2100-01-01\n"
+    ));
     out.push_str("\nPress Ctrl-C to stop.\n");
     println!("{out}");
 }

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use caracal_shared::config::Config;
@@ -178,6 +179,15 @@ async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, String> {
 
 impl Running {
     pub async fn start(rt: &Runtime, which: &[Service]) -> Result<Running, String> {
+        Running::start_with(rt, which, Arc::new(caracal_shared::egress::SystemResolver)).await
+    }
+
+    /// Like [`Running::start`], with the gateway resolving names through `resolver`.
+    pub async fn start_with(
+        rt: &Runtime,
+        which: &[Service],
+        resolver: Arc<dyn caracal_shared::egress::Resolver>,
+    ) -> Result<Running, String> {
         let cfg = rt.config.clone();
         let mut addrs = Vec::new();
         let mut tasks = Vec::new();
@@ -232,7 +242,15 @@ impl Running {
             let probe = bind("gateway", cfg.gateway.listen).await?;
             let proxy_addr = probe.local_addr().map_err(|e| e.to_string())?;
             drop(probe);
-            let g = caracal_gateway::start(rt.clone(), proxy_addr, admin)
+            // When this process also runs the STS, the gateway talks to it where it really
+            // listens (its configured port may be 0).
+            let mut grt = rt.clone();
+            if let Some((_, sts)) = addrs.iter().find(|(n, _)| *n == "sts") {
+                let mut c = (*rt.config).clone();
+                c.gateway.sts_url = format!("http://{sts}");
+                grt.config = Arc::new(c);
+            }
+            let g = caracal_gateway::start_with(grt, proxy_addr, admin, resolver)
                 .await
                 .map_err(|e| e.to_string())?;
             addrs.push(("gateway", g.proxy_addr));

@@ -1,6 +1,7 @@
 {{/*
 Shared template helpers. Components call the pod-level helpers with a dict:
   (dict "root" $ "component" "sts" "rings" (list "bus" "internal" "seal" "pepper"))
+plus "interceptCa" true for the gateway (mounts the TLS interception CA).
 */}}
 
 {{/* Chart name, possibly overridden. */}}
@@ -160,7 +161,8 @@ readinessProbe:
   mountPath: /var/lib/caracal
 {{- end -}}
 
-{{/* Volumes: the config, only the key files of the rings this component uses, a data dir. */}}
+{{/* Volumes: the config, only the key files of the rings this component uses (and the
+interception CA for the gateway), a data dir. */}}
 {{- define "caracal.volumes" -}}
 - name: config
   configMap:
@@ -189,6 +191,10 @@ readinessProbe:
       - key: {{ $entry }}
         path: {{ $entry }}
       {{- end }}
+      {{- end }}
+      {{- if .interceptCa }}
+      - key: {{ .root.Values.interceptCa.secretEntry }}
+        path: {{ .root.Values.interceptCa.secretEntry }}
       {{- end }}
 - name: data
   emptyDir:
