@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use caracal_shared::budget_ledger::{BudgetLedger, Window, window_of};
 use caracal_shared::error::{Error, ErrorCode, Result};
-use caracal_shared::ids::BudgetId;
+use caracal_shared::ids::{AgentId, BudgetId, ResourceId};
 use caracal_shared::metering::{Pricing, RequestFacts, Unpriced, Usage, actual, worst_case};
 use caracal_shared::store::admin::{Budget, BudgetScopeKind, BudgetUnit};
 use caracal_shared::time::now_micros;
@@ -94,8 +94,52 @@ pub struct Reservation {
     owner: Arc<Budgets>,
 }
 
+/// A budget as the snapshot keeps it, with its scope parsed once.
+pub struct BudgetEntry {
+    pub budget: Arc<Budget>,
+    agent: Option<AgentId>,
+    resource: Option<ResourceId>,
+}
+
+impl BudgetEntry {
+    pub fn new(b: Budget) -> BudgetEntry {
+        let id = b.scope_id.as_deref();
+        BudgetEntry {
+            agent: id.and_then(|s| AgentId::parse(s).ok()),
+            resource: id.and_then(|s| ResourceId::parse(s).ok()),
+            budget: Arc::new(b),
+        }
+    }
+}
+
+/// The reservations of a request, as recorded with its allow decision.
+pub struct ReservedView<'a>(pub &'a Reservation);
+
+impl serde::Serialize for ReservedView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.holds.len()))?;
+        for h in &self.0.holds {
+            seq.serialize_element(&HoldView {
+                budget_id: h.budget.id,
+                unit: h.budget.unit,
+                reserved: h.reserved,
+            })?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(serde::Serialize)]
+struct HoldView {
+    budget_id: BudgetId,
+    unit: BudgetUnit,
+    reserved: i64,
+}
+
 pub struct Budgets {
     pub ledger: Arc<dyn BudgetLedger>,
+    windows: Mutex<HashMap<(BudgetId, i64), Window>>,
     leases: Mutex<HashMap<(BudgetId, i64), Arc<Lease>>>,
     grants: Mutex<HashMap<BudgetId, Arc<tokio::sync::Mutex<()>>>>,
     ttl: Duration,
@@ -145,6 +189,7 @@ impl Budgets {
         let _ = registry.register(Box::new(spent_total.clone()));
         Arc::new(Budgets {
             ledger,
+            windows: Mutex::new(HashMap::new()),
             leases: Mutex::new(HashMap::new()),
             grants: Mutex::new(HashMap::new()),
             ttl,
@@ -190,7 +235,7 @@ impl Budgets {
             let amount = worst_case(b.unit, &r.pricing, &r.facts).map_err(|Unpriced(m)| {
                 Error::new(ErrorCode::PolicyDenied, m).with_details(json!({ "reason": "unpriced", "budget_id": b.id }))
             })?;
-            let window = window_of(&b, now);
+            let window = self.window(&b, now);
             if !b.hard || amount == 0 {
                 r.holds.push(Hold {
                     budget: b,
@@ -414,17 +459,41 @@ impl Budgets {
         }
     }
 
-    /// Budgets that apply to a request of `agent` on `resource` in `tenant`: the hard and soft
-    /// budgets scoped to that tenant, agent or resource.
-    pub fn applicable(all: &[Arc<Budget>], agent: &str, resource: &str) -> Vec<Arc<Budget>> {
+    /// Budgets that apply to a request of `agent` on `resource`: the hard and soft budgets of
+    /// its tenant scoped to the tenant, that agent or that resource.
+    pub fn applicable(all: &[BudgetEntry], agent: AgentId, resource: ResourceId) -> Vec<Arc<Budget>> {
         all.iter()
-            .filter(|b| match b.scope_kind {
+            .filter(|e| match e.budget.scope_kind {
                 BudgetScopeKind::Tenant => true,
-                BudgetScopeKind::Agent => b.scope_id.as_deref() == Some(agent),
-                BudgetScopeKind::Resource => b.scope_id.as_deref() == Some(resource),
+                BudgetScopeKind::Agent => e.agent == Some(agent),
+                BudgetScopeKind::Resource => e.resource == Some(resource),
             })
-            .cloned()
+            .map(|e| e.budget.clone())
             .collect()
+    }
+
+    /// The window of `b` now: calendar windows are computed once per window (time-zone
+    /// arithmetic is not free), rolling ones every time.
+    fn window(&self, b: &Budget, now: i64) -> Window {
+        if b.window == caracal_shared::store::admin::WindowKind::Rolling {
+            return window_of(b, now);
+        }
+        if let Some(w) = self
+            .windows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(b.id, b.version))
+            && now < w.resets_at
+            && now >= w.record
+        {
+            return w.clone();
+        }
+        let w = window_of(b, now);
+        self.windows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((b.id, b.version), w.clone());
+        w
     }
 }
 

@@ -247,6 +247,7 @@ impl Front {
                     target: target.as_ref(),
                     path: None,
                     rule: Some(&rule),
+                    reserved: None,
                 };
                 if let Err(e) = gw.audit_decision(true, "ok", &est, &info) {
                     gw.metrics.tunnels.with_label_values(&["deny"]).inc();

@@ -62,6 +62,8 @@ pub struct Established<'a> {
     pub target: Option<&'a Target>,
     pub path: Option<&'a str>,
     pub rule: Option<&'a str>,
+    /// Budget reservations made for an allowed request (recorded with its decision).
+    pub reserved: Option<&'a crate::budget::Reservation>,
 }
 
 /// The audit event of one decision, serialised straight from borrowed fields.
@@ -84,6 +86,8 @@ struct DecisionRecord<'a> {
     source: Option<IpAddr>,
     request_id: &'a str,
     gateway: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reserved: Option<crate::budget::ReservedView<'a>>,
 }
 
 /// Context for the audit event.
@@ -265,9 +269,12 @@ impl Gateway {
         c: &Cached,
         r: &ResourceEntry,
     ) -> Vec<Arc<caracal_shared::store::admin::Budget>> {
+        if snap.budgets.is_empty() {
+            return Vec::new();
+        }
         match snap.budgets.get(&c.m.claims.tenant) {
             None => Vec::new(),
-            Some(all) => crate::budget::Budgets::applicable(all, &c.m.claims.agent.to_string(), &r.res.id.to_string()),
+            Some(all) => crate::budget::Budgets::applicable(all, c.m.claims.agent, r.res.id),
         }
     }
 
@@ -352,6 +359,7 @@ impl Gateway {
             source: info.source,
             request_id: info.request_id,
             gateway: &self.rt.config.gateway.id,
+            reserved: e.reserved.map(crate::budget::ReservedView),
         };
         let body = serde_json::to_string(&record).map_err(|e| Error::internal(e.to_string()))?;
         self.audit.emit_json("decision", claims.map(|c| c.tenant), body)

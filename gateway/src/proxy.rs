@@ -401,22 +401,6 @@ impl Proxy {
                 .reserve(budgets, tenant, r.pricing.clone(), rfacts)
                 .await
                 .map_err(partial)?;
-            if let Some(res) = &reservation {
-                let holds: Vec<serde_json::Value> = res
-                    .holds
-                    .iter()
-                    .map(|h| serde_json::json!({ "budget_id": h.budget.id, "unit": h.budget.unit, "reserved": h.reserved }))
-                    .collect();
-                let ev = serde_json::json!({
-                    "type": "budget_reservation", "request_id": ctx.request_id, "agent": c.m.claims.agent,
-                    "mandate_id": c.m.claims.mandate_id, "resource": r.res.id, "model": body_facts_v.model, "holds": holds,
-                });
-                if let Err(e) = gw.audit.emit("metering", Some(c.m.claims.tenant), &ev) {
-                    // Not recorded, not forwarded.
-                    drop(reservation);
-                    return Err(partial(e));
-                }
-            }
             ctx.reservation = reservation;
         }
         Ok(Decision {
@@ -597,16 +581,41 @@ impl Proxy {
         let settled = r.settle(usage, cut_short);
         if let Some(d) = &ctx.decision {
             let c = &d.mandate.m.claims;
-            let ev = serde_json::json!({
-                "type": "budget_settlement", "request_id": ctx.request_id, "agent": c.agent, "mandate_id": c.mandate_id,
-                "resource": d.resource.res.id, "model": model, "usage": usage, "cut_short": cut_short.is_some(),
-                "settled": settled,
-            });
-            if let Err(e) = self.gw.audit.emit("metering", Some(c.tenant), &ev) {
+            let ev = SettlementRecord {
+                kind_of: "budget_settlement",
+                request_id: &ctx.request_id,
+                agent: c.agent,
+                mandate_id: c.mandate_id,
+                resource: d.resource.res.id,
+                model: &model,
+                usage,
+                cut_short: cut_short.is_some(),
+                settled: &settled,
+            };
+            let body = match serde_json::to_string(&ev) {
+                Ok(b) => b,
+                Err(_) => return,
+            };
+            if let Err(e) = self.gw.audit.emit_json("metering", Some(c.tenant), body) {
                 tracing::warn!(error = %e, request_id = %ctx.request_id, "a budget settlement could not be recorded");
             }
         }
     }
+}
+
+/// The metering event of one settled request.
+#[derive(serde::Serialize)]
+struct SettlementRecord<'a> {
+    #[serde(rename = "type")]
+    kind_of: &'static str,
+    request_id: &'a str,
+    agent: caracal_shared::ids::AgentId,
+    mandate_id: caracal_shared::ids::MandateId,
+    resource: caracal_shared::ids::ResourceId,
+    model: &'a str,
+    usage: Option<caracal_shared::metering::Usage>,
+    cut_short: bool,
+    settled: &'a [crate::budget::Settled],
 }
 
 /// What was established before a refusal.
@@ -685,6 +694,7 @@ impl ProxyHttp for Proxy {
                     target: Some(&t),
                     path: Some(&d.path),
                     rule: Some(&d.rule),
+                    reserved: ctx.reservation.as_ref(),
                 };
                 if let Err(e) = gw.audit_decision(true, "ok", &est, &info) {
                     if let Some(mut r) = ctx.reservation.take() {
@@ -711,6 +721,7 @@ impl ProxyHttp for Proxy {
                     target: t.as_ref(),
                     path: partial.path.as_deref(),
                     rule: None,
+                    reserved: None,
                 };
                 if let Err(ae) = gw.audit_decision(false, e.code.as_str(), &est, &info) {
                     tracing::warn!(error = %ae, "a denial could not be audited");

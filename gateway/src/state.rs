@@ -208,7 +208,7 @@ pub struct Snapshot {
     pub tenants: HashMap<String, TenantId>,
     pub active: HashMap<(TenantId, PolicyId), (i64, Arc<CompiledPolicy>)>,
     /// Budgets by tenant, and tenant names (metric labels).
-    pub budgets: HashMap<TenantId, Vec<Arc<caracal_shared::store::admin::Budget>>>,
+    pub budgets: HashMap<TenantId, Vec<crate::budget::BudgetEntry>>,
     pub tenant_names: HashMap<TenantId, Arc<str>>,
 }
 
@@ -384,7 +384,10 @@ impl Gateway {
             snap.tenant_names.insert(t.id, Arc::from(t.name.as_str()));
         }
         for b in store.all_budgets(1_000_000).await? {
-            snap.budgets.entry(b.tenant_id).or_default().push(Arc::new(b));
+            snap.budgets
+                .entry(b.tenant_id)
+                .or_default()
+                .push(crate::budget::BudgetEntry::new(b));
         }
         for (tenant, policy, version) in store.active_policy_versions().await? {
             let compiled = match self.compiled.get(&(policy, version)) {

@@ -294,11 +294,16 @@ async fn two_gateways_never_overspend(b: Backend) {
     assert_eq!(r.json()["error"]["details"]["budget_id"], t.budget.as_str());
     assert!(r.json()["error"]["details"]["resets_at"].is_i64());
     assert!(r.headers.get("retry-after").is_some());
-    // Every reservation and settlement is a metering event in the audit stream.
+    // Every reservation (recorded with its allow decision) and settlement is in the audit stream.
     let counts = || async {
         let events = t.env.audit().await;
-        let n = |kind: &str| events.iter().filter(|e| e.body["type"] == kind).count() as i64;
-        (n("budget_reservation"), n("budget_settlement"))
+        // Reservations are recorded with each allow decision, settlements on their own.
+        let reserved = events
+            .iter()
+            .filter(|e| e.body["type"] == "decision" && e.body["reserved"][0]["reserved"].as_i64().is_some())
+            .count() as i64;
+        let settled = events.iter().filter(|e| e.body["type"] == "budget_settlement").count() as i64;
+        (reserved, settled)
     };
     assert!(
         eventually(Duration::from_secs(10), || async { counts().await == (ok + 2, ok + 2) }).await,
