@@ -372,7 +372,7 @@ async fn streams_are_metered_as_they_flow(b: Backend) {
             .map(|e| e.body)
             .collect::<Vec<Value>>()
     };
-    assert!(eventually(Duration::from_secs(5), || async { events().await.len() == 2 }).await);
+    assert!(eventually(Duration::from_secs(20), || async { events().await.len() == 2 }).await);
     let full = events()
         .await
         .into_iter()
@@ -396,7 +396,7 @@ async fn streams_are_metered_as_they_flow(b: Backend) {
     }
     drop(s);
     assert!(
-        eventually(Duration::from_secs(10), || async { events().await.len() == 3 }).await,
+        eventually(Duration::from_secs(20), || async { events().await.len() == 3 }).await,
         "the cut stream was settled"
     );
     let cut = events().await.into_iter().find(|e| e["cut_short"] == true).unwrap();
@@ -414,7 +414,7 @@ async fn streams_are_metered_as_they_flow(b: Backend) {
         t.chat(t.env.proxy, &m, "/v1/chat/completions?usage=none", 40).await.0,
         200
     );
-    assert!(eventually(Duration::from_secs(5), || async { events().await.len() == 4 }).await);
+    assert!(eventually(Duration::from_secs(20), || async { events().await.len() == 4 }).await);
     let none = events()
         .await
         .into_iter()
