@@ -23,7 +23,13 @@ macro_rules! on_both_backends {
     };
 }
 
-on_both_backends!(agents_run_unchanged_under_authority);
+on_both_backends!(
+    agents_run_unchanged_under_authority,
+    an_mtls_identity_is_a_workload_credential
+);
+
+/// A client command line for a request body.
+type Argv = Box<dyn Fn(&str) -> Vec<String>>;
 
 struct Sys {
     env: Env,
@@ -184,6 +190,64 @@ async fn agents_run_unchanged_under_authority(b: Backend) {
     assert_eq!(text.lines().collect::<Vec<_>>(), vec!["ok 14", "limited 429"], "{text}");
     assert_eq!(seen.lock().unwrap().last().unwrap(), "Bearer sk-openai-real");
 
+    // The same through other stacks, unchanged: curl and Python httpx over HTTPS_PROXY with the
+    // exported CA — success (credential injected), a policy denial, budget exhaustion.
+    let chat = |model: &str, max: i64| json!({"model": model, "max_tokens": max, "messages": []}).to_string();
+    let url = format!("{base}/chat/completions");
+    let (u1, u2) = (url.clone(), url.clone());
+    let clients: Vec<(&str, Argv)> = vec![
+        (
+            "curl",
+            Box::new(move |body: &str| {
+                vec![
+                    "curl".into(),
+                    "-s".into(),
+                    "-w".into(),
+                    " %{http_code}".into(),
+                    "-H".into(),
+                    "content-type: application/json".into(),
+                    "-d".into(),
+                    body.to_string(),
+                    u1.clone(),
+                ]
+            }),
+        ),
+        (
+            "httpx",
+            Box::new(move |body: &str| {
+                vec![
+                    "python3".into(),
+                    "-c".into(),
+                    format!(
+                        "import httpx, sys; r = httpx.post({u2:?}, content={body:?}, headers={{'content-type': 'application/json'}}); print(r.text, r.status_code)"
+                    ),
+                ]
+            }),
+        ),
+    ];
+    for (name, argv) in &clients {
+        if *name == "httpx" && !python_has("httpx") {
+            assert!(!services_required(), "python3 module httpx is required in CI");
+            continue;
+        }
+        for (body, expect_code, expect_text) in [
+            (chat("gpt-4o-mini", 10), "200", "chatcmpl-1"),
+            (chat("o1-preview", 10), "403", "policy_denied"),
+            (chat("gpt-4o-mini", 100000), "429", "budget_exhausted"),
+        ] {
+            let args = argv(&body);
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = s.run(&refs).output().await.unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(
+                text.trim_end().ends_with(expect_code) && text.contains(expect_text),
+                "{name}: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(seen.lock().unwrap().last().unwrap(), "Bearer sk-openai-real", "{name}");
+    }
+
     // Revocation mid-run: a long-running agent (Python requests) is refused from the moment
     // its session is revoked, without a restart.
     let agent = format!(
@@ -260,4 +324,102 @@ async fn agents_run_unchanged_under_authority(b: Backend) {
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("CARACAL_API_KEY"));
     s.env.stop().await;
+}
+
+/// `caracal run --cert --key`: the workload authenticates with its client certificate at the
+/// STS's TLS listener (an mTLS identity mapped to an agent), no API key anywhere.
+async fn an_mtls_identity_is_a_workload_credential(b: Backend) {
+    let server_ca = Ca::new("sts server ca");
+    let server = server_ca.server(&["localhost", "127.0.0.1"]);
+    let dir = std::env::temp_dir().join(format!("caracal-run-mtls-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), &server.cert_pem).unwrap();
+    std::fs::write(dir.join("key.pem"), &server.key_pem).unwrap();
+    std::fs::write(dir.join("sts-ca.pem"), server_ca.pem()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d2 = dir.clone();
+    let env = start(b, move |c| {
+        c.sts.tls_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+        c.sts.tls_cert = Some(d2.join("cert.pem"));
+        c.sts.tls_key = Some(d2.join("key.pem"));
+    })
+    .await;
+    let Some(env) = env else { return };
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let coordinator = format!("http://{}", l.local_addr().unwrap());
+    let rt = env.rt.clone();
+    tokio::spawn(async move { caracal_coordinator::serve(rt, l).await });
+    // A workload CA and an identity mapping its SPIFFE id to the test agent.
+    let client_ca = Ca::new("corp workloads");
+    let ca = env
+        .api(
+            Method::POST,
+            "/v1/mtls-cas",
+            Some(json!({"name": "corp", "ca_pem": client_ca.pem()})),
+        )
+        .await
+        .json_value();
+    let r = env
+        .api(
+            Method::POST,
+            &format!("/v1/agents/{}/identities", env.agent),
+            Some(json!({"kind": "mtls", "ca_id": ca["id"], "match": "san_uri", "subject": "spiffe://corp/agent"})),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text());
+    let leaf = client_ca.client("spiffe://corp/agent", "agent");
+    std::fs::write(dir.join("client.pem"), &leaf.cert_pem).unwrap();
+    std::fs::write(dir.join("client.key"), &leaf.key_pem).unwrap();
+    let api = env.api_url();
+    let run = || {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_caracal"));
+        c.args(["run", "--cert"])
+            .arg(dir.join("client.pem"))
+            .arg("--key")
+            .arg(dir.join("client.key"))
+            .arg("--sts-ca")
+            .arg(dir.join("sts-ca.pem"))
+            .args(["--", "curl", "-sS", &format!("{api}/v1/models")])
+            .env("CARACAL_GATEWAY", env.proxy.to_string())
+            .env("CARACAL_GATEWAY_ADMIN_URL", format!("http://{}", env.admin_addr))
+            .env("CARACAL_STS_URL", format!("https://localhost:{port}"))
+            .env("CARACAL_COORDINATOR_URL", &coordinator)
+            .env_remove("CARACAL_API_KEY");
+        c
+    };
+    // The STS picks the new CA up within its refresh interval.
+    let last = std::sync::Mutex::new(String::new());
+    let ok = eventually(Duration::from_secs(20), || {
+        let out = run().output();
+        let last = &last;
+        async move {
+            let out = out.await.unwrap();
+            let text = format!(
+                "{} {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let ok = out.status.success() && text.contains("\"ok\":true");
+            *last.lock().unwrap() = text;
+            ok
+        }
+    })
+    .await;
+    assert!(ok, "{}", last.lock().unwrap());
+    assert_eq!(
+        env.upstream.last().headers["authorization"],
+        "Bearer sk-upstream-secret-42"
+    );
+    // A certificate from another CA gets nothing.
+    let stranger = Ca::new("stranger").client("spiffe://corp/agent", "agent");
+    std::fs::write(dir.join("client.pem"), &stranger.cert_pem).unwrap();
+    std::fs::write(dir.join("client.key"), &stranger.key_pem).unwrap();
+    let out = run().output().await.unwrap();
+    assert_eq!(out.status.code(), Some(125), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(dir);
+    env.stop().await;
 }

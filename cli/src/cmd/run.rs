@@ -50,6 +50,15 @@ pub struct RunArgs {
     /// A file holding the workload's API key (else CARACAL_API_KEY).
     #[arg(long)]
     api_key_file: Option<PathBuf>,
+    /// Authenticate with an mTLS identity instead: the workload's certificate (PEM; with
+    /// --key), presented to the STS's TLS listener (--sts https://…).
+    #[arg(long, env = "CARACAL_CLIENT_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    #[arg(long, env = "CARACAL_CLIENT_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+    /// CA bundle (PEM) to verify the STS's TLS listener (else the public roots).
+    #[arg(long, env = "CARACAL_STS_CA")]
+    sts_ca: Option<PathBuf>,
     /// The interception CA bundle (else fetched from the gateway's admin listener).
     #[arg(long)]
     ca_file: Option<PathBuf>,
@@ -69,12 +78,21 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(125)
 }
 
+/// The workload credential `caracal run` authenticates with.
+enum Cred {
+    ApiKey(String),
+    /// A client certificate (the TLS client carries it).
+    Mtls,
+}
+
 struct Ctx {
     sts: String,
     coordinator: String,
-    key: String,
+    cred: Cred,
     lifetime: u64,
     client: HttpClient,
+    /// The client for the STS (with the workload's certificate under mTLS).
+    sts_client: HttpClient,
 }
 
 impl Ctx {
@@ -82,15 +100,20 @@ impl Ctx {
         let lifetime = self.lifetime.to_string();
         let mut f = vec![
             ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
-            ("subject_token_type", "urn:caracal:params:oauth:token-type:api-key"),
-            ("subject_token", self.key.as_str()),
             ("lifetime", lifetime.as_str()),
         ];
+        match &self.cred {
+            Cred::ApiKey(k) => {
+                f.push(("subject_token_type", "urn:caracal:params:oauth:token-type:api-key"));
+                f.push(("subject_token", k.as_str()));
+            }
+            Cred::Mtls => f.push(("subject_token_type", "urn:caracal:params:oauth:token-type:mtls")),
+        }
         if let Some(s) = session {
             f.push(("session_id", s));
         }
         let r = self
-            .client
+            .sts_client
             .post_form(&format!("{}/oauth/token", self.sts.trim_end_matches('/')), &[], &f)
             .await
             .map_err(|e| format!("the STS at {} is unreachable: {}", self.sts, e.message))?;
@@ -166,15 +189,49 @@ async fn run_async(a: RunArgs) -> ExitCode {
     let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
         return fail("cannot handle signals");
     };
-    let key = match &a.api_key_file {
-        Some(p) => match std::fs::read_to_string(p) {
-            Ok(s) => s.trim().to_string(),
-            Err(e) => return fail(format!("cannot read {}: {e}", p.display())),
-        },
-        None => match std::env::var("CARACAL_API_KEY") {
-            Ok(k) if !k.trim().is_empty() => k.trim().to_string(),
-            _ => return fail("no workload credential: set CARACAL_API_KEY or --api-key-file"),
-        },
+    let client = HttpClient::unrestricted().with_timeout(Duration::from_secs(30));
+    let (cred, sts_client) = match (&a.cert, &a.key) {
+        (Some(cert), Some(key)) => {
+            use rustls_pki_types::pem::PemObject;
+            let chain: Vec<rustls_pki_types::CertificateDer<'static>> =
+                match rustls_pki_types::CertificateDer::pem_file_iter(cert)
+                    .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                {
+                    Ok(c) if !c.is_empty() => c,
+                    _ => return fail(format!("cannot read a certificate from {}", cert.display())),
+                };
+            let Ok(pk) = rustls_pki_types::PrivateKeyDer::from_pem_file(key) else {
+                return fail(format!("cannot read a private key from {}", key.display()));
+            };
+            let ca = match &a.sts_ca {
+                Some(p) => match std::fs::read(p) {
+                    Ok(b) => Some(b),
+                    Err(e) => return fail(format!("cannot read {}: {e}", p.display())),
+                },
+                None => None,
+            };
+            match caracal_shared::http::client::tls_client_config(ca.as_deref(), Some((chain, pk))) {
+                Ok(tls) => (Cred::Mtls, client.clone().with_tls(tls)),
+                Err(e) => return fail(format!("TLS client setup: {e}")),
+            }
+        }
+        _ => {
+            let key = match &a.api_key_file {
+                Some(p) => match std::fs::read_to_string(p) {
+                    Ok(s) => s.trim().to_string(),
+                    Err(e) => return fail(format!("cannot read {}: {e}", p.display())),
+                },
+                None => match std::env::var("CARACAL_API_KEY") {
+                    Ok(k) if !k.trim().is_empty() => k.trim().to_string(),
+                    _ => {
+                        return fail(
+                            "no workload credential: set CARACAL_API_KEY, --api-key-file, or --cert and --key",
+                        );
+                    }
+                },
+            };
+            (Cred::ApiKey(key), client.clone())
+        }
     };
     let gateway: SocketAddr = match tokio::net::lookup_host(&a.gateway)
         .await
@@ -187,9 +244,10 @@ async fn run_async(a: RunArgs) -> ExitCode {
     let ctx = Arc::new(Ctx {
         sts: a.sts.clone(),
         coordinator: a.coordinator.clone(),
-        key,
+        cred,
         lifetime: a.lifetime.clamp(30, 86_400),
-        client: HttpClient::unrestricted().with_timeout(Duration::from_secs(30)),
+        client,
+        sts_client,
     });
     // Session first (with an unbound mandate), then a mandate bound to it.
     let (first, _) = match ctx.mint(None).await {
