@@ -28,6 +28,64 @@ on_both_backends!(
     an_mtls_identity_is_a_workload_credential
 );
 
+/// The OpenAI SDK with its default base URL (https://api.openai.com/v1), redirected only by
+/// the proxy environment `caracal run` sets: the gateway intercepts the tunnel and the stub
+/// resolver maps api.openai.com to a local mock on 127.0.0.1:443 (nothing leaves the machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_with_its_default_base_url() {
+    let upstream_ca = Ca::new("mock api.openai.com CA");
+    let Some((_, seen)) = https_llm_on(&upstream_ca, "api.openai.com", "127.0.0.1:443").await else {
+        assert!(!services_required(), "port 443 on loopback is needed in CI (run as root)");
+        eprintln!("SKIPPED: cannot listen on 127.0.0.1:443");
+        return;
+    };
+    if !python_has("openai") {
+        assert!(!services_required(), "python3 module openai is required in CI");
+        eprintln!("SKIPPED: python3 module openai is not installed");
+        return;
+    }
+    let Some(s) = start_sys(Backend::Sqlite).await else { return };
+    s.env.resolver.set("api.openai.com", &["127.0.0.1"]);
+    let res = s
+        .env
+        .api(
+            Method::POST,
+            "/v1/resources",
+            Some(json!({
+                "name": "openai", "base_url": "https://api.openai.com", "inject": {"kind": "bearer"},
+                "credential": {"value": "sk-openai-real"},
+                "settings": {"egress_allow": ["127.0.0.1/32"], "intercept_tls": true, "upstream_ca_pem": upstream_ca.pem()}
+            })),
+        )
+        .await
+        .json_value()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let g = s
+        .env
+        .api(
+            Method::POST,
+            "/v1/grants",
+            Some(json!({"agent_id": s.env.agent, "resource_id": res, "policy_id": s.env.policy, "scopes": ["*"]})),
+        )
+        .await;
+    assert!(g.status.is_success());
+    let code = "from openai import OpenAI\n\
+                c = OpenAI(api_key='sk-the-agent-never-had-the-real-key', max_retries=0)\n\
+                r = c.chat.completions.create(model='gpt-4o-mini', max_tokens=5, messages=[{'role': 'user', 'content': 'hi'}])\n\
+                print(r.id, r.usage.total_tokens)\n";
+    let out = s.run(&["python3", "-c", code]).output().await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "chatcmpl-1 14",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(seen.lock().unwrap().last().unwrap(), "Bearer sk-openai-real");
+    s.env.stop().await;
+}
+
 /// A client command line for a request body.
 type Argv = Box<dyn Fn(&str) -> Vec<String>>;
 

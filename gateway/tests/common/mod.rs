@@ -517,7 +517,16 @@ pub async fn proxy_request(proxy: SocketAddr, method: &str, url: &str, headers: 
 /// An OpenAI-compatible mock over HTTPS (certificate for llm.test from `ca`); records the
 /// Authorization header of each call.
 pub async fn https_llm(ca: &caracal_shared::testing::pki::Ca) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let leaf = ca.server(&["llm.test"]);
+    https_llm_on(ca, "llm.test", "127.0.0.1:0").await.expect("bind")
+}
+
+/// The same mock with a certificate for `host`, listening on `bind` (None when it cannot).
+pub async fn https_llm_on(
+    ca: &caracal_shared::testing::pki::Ca,
+    host: &str,
+    bind: &str,
+) -> Option<(std::net::SocketAddr, Arc<Mutex<Vec<String>>>)> {
+    let leaf = ca.server(&[host]);
     let (chain, key) = leaf.identity();
     let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
@@ -526,7 +535,7 @@ pub async fn https_llm(ca: &caracal_shared::testing::pki::Ca) -> (std::net::Sock
         .with_single_cert(chain, key)
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = tokio::net::TcpListener::bind(bind).await.ok()?;
     let addr = l.local_addr().unwrap();
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let s2 = seen.clone();
@@ -562,7 +571,7 @@ pub async fn https_llm(ca: &caracal_shared::testing::pki::Ca) -> (std::net::Sock
             });
         }
     });
-    (addr, seen)
+    Some((addr, seen))
 }
 
 /// Whether python3 can import `module`.
