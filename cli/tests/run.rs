@@ -35,7 +35,10 @@ on_both_backends!(
 async fn the_openai_sdk_with_its_default_base_url() {
     let upstream_ca = Ca::new("mock api.openai.com CA");
     let Some((_, seen)) = https_llm_on(&upstream_ca, "api.openai.com", "127.0.0.1:443").await else {
-        assert!(!services_required(), "port 443 on loopback is needed in CI (run as root)");
+        assert!(
+            !services_required(),
+            "port 443 on loopback is needed in CI (run as root)"
+        );
         eprintln!("SKIPPED: cannot listen on 127.0.0.1:443");
         return;
     };
@@ -44,7 +47,9 @@ async fn the_openai_sdk_with_its_default_base_url() {
         eprintln!("SKIPPED: python3 module openai is not installed");
         return;
     }
-    let Some(s) = start_sys(Backend::Sqlite).await else { return };
+    let Some(s) = start_sys(Backend::Sqlite).await else {
+        return;
+    };
     s.env.resolver.set("api.openai.com", &["127.0.0.1"]);
     let res = s
         .env
@@ -306,49 +311,171 @@ async fn agents_run_unchanged_under_authority(b: Backend) {
         assert_eq!(seen.lock().unwrap().last().unwrap(), "Bearer sk-openai-real", "{name}");
     }
 
-    // Revocation mid-run: a long-running agent (Python requests) is refused from the moment
-    // its session is revoked, without a restart.
-    let agent = format!(
-        "import requests, sys, time\n\
-         for i in range(200):\n    r = requests.get('{api}/v1/models')\n    print(r.status_code, flush=True)\n    \
-         if r.status_code == 403:\n        print(r.json()['error']['code'], flush=True)\n        sys.exit(0)\n    time.sleep(0.05)\n\
-         sys.exit(1)\n"
-    );
-    let mut child = s
-        .run(&["python3", "-c", &agent])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("200"));
-    let running = s
-        .sessions()
-        .await
-        .into_iter()
-        .find(|x| x["status"] == "active")
-        .expect("the running agent's session");
-    let sid = running["id"].as_str().unwrap().to_string();
-    let auth = format!("Bearer {}", s.env.admin);
-    let r = s
-        .env
-        .client
-        .send_json(
-            Method::POST,
-            &format!("{}/v1/revocations", s.coordinator),
-            &[("authorization", &auth), ("x-caracal-tenant", &s.env.tenant)],
-            &json!({"kind": "session", "value": sid, "reason": "test"}),
+    // Node's fetch with undici's EnvHttpProxyAgent (the documented way to honour HTTPS_PROXY),
+    // trusting NODE_EXTRA_CA_CERTS: success, denial, budget exhaustion.
+    let node_modules = std::env::var("CARACAL_NODE_MODULES").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/caracal-ci/node/node_modules",
+            std::env::var("HOME").unwrap_or_default()
         )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    let mut rest = Vec::new();
-    while let Ok(Ok(Some(l))) = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await {
-        rest.push(l);
+    });
+    let have_node = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have_node && std::path::Path::new(&node_modules).join("undici").exists() {
+        for (body, expect_code, expect_text) in [
+            (chat("gpt-4o-mini", 10), "200", "chatcmpl-1"),
+            (chat("o1-preview", 10), "403", "policy_denied"),
+            (chat("gpt-4o-mini", 100000), "429", "budget_exhausted"),
+        ] {
+            let script = format!(
+                "const {{ EnvHttpProxyAgent, setGlobalDispatcher }} = require('undici');\n\
+                 setGlobalDispatcher(new EnvHttpProxyAgent());\n\
+                 fetch({url:?}, {{ method: 'POST', headers: {{ 'content-type': 'application/json' }}, body: {body:?} }})\n\
+                 .then(async r => console.log(await r.text(), r.status)).catch(e => {{ console.error(e); process.exit(2); }});\n"
+            );
+            let mut cmd = s.run(&["node", "-e", &script]);
+            cmd.env("NODE_PATH", &node_modules);
+            let out = cmd.output().await.unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(
+                text.trim_end().ends_with(expect_code) && text.contains(expect_text),
+                "node: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(seen.lock().unwrap().last().unwrap(), "Bearer sk-openai-real", "node");
+    } else {
+        assert!(
+            !(have_node && services_required()),
+            "undici is required in CI when Node is present"
+        );
+        eprintln!("SKIPPED: Node or undici not available");
     }
-    let status = child.wait().await.unwrap();
-    assert!(rest.contains(&"mandate_revoked".to_string()), "{rest:?}");
-    assert_eq!(status.code(), Some(0), "the agent saw the refusal: {rest:?}");
+
+    // Revocation mid-run, for each stack: a long-running agent is refused from the moment its
+    // session is revoked, without a restart. Each program prints the status of every call and,
+    // on a 403, the error, then exits 0.
+    let mut programs: Vec<(&str, Vec<String>)> = vec![
+        (
+            "requests",
+            vec![
+                "python3".into(),
+                "-c".into(),
+                format!(
+                    "import requests, sys, time\n\
+                 for i in range(400):\n    r = requests.get('{api}/v1/models')\n    print(r.status_code, flush=True)\n    \
+                 if r.status_code == 403:\n        print(r.json()['error']['code'], flush=True)\n        sys.exit(0)\n    time.sleep(0.05)\n\
+                 sys.exit(1)\n"
+                ),
+            ],
+        ),
+        (
+            "curl",
+            vec![
+                "sh".into(),
+                "-c".into(),
+                format!(
+                    "f=$(mktemp); for i in $(seq 1 400); do c=$(curl -s -o \"$f\" -w '%{{http_code}}' {api}/v1/models); echo $c; \
+                 if [ \"$c\" = 403 ]; then cat \"$f\"; echo; exit 0; fi; sleep 0.05; done; exit 1"
+                ),
+            ],
+        ),
+        (
+            "httpx",
+            vec![
+                "python3".into(),
+                "-c".into(),
+                format!(
+                    "import httpx, sys, time\nc = httpx.Client()\n\
+                 for i in range(400):\n    r = c.post('{base}/chat/completions', json={{'model': 'gpt-4o-mini', 'max_tokens': 5, 'messages': []}})\n    \
+                 print(r.status_code, flush=True)\n    if r.status_code == 403:\n        print(r.text, flush=True)\n        sys.exit(0)\n    time.sleep(0.05)\n\
+                 sys.exit(1)\n"
+                ),
+            ],
+        ),
+        (
+            "openai",
+            vec![
+                "python3".into(),
+                "-c".into(),
+                format!(
+                    "import sys, time\nfrom openai import OpenAI, PermissionDeniedError\n\
+                 c = OpenAI(api_key='x', base_url='{base}', max_retries=0)\n\
+                 for i in range(400):\n    try:\n        c.chat.completions.create(model='gpt-4o-mini', max_tokens=5, messages=[])\n        print(200, flush=True)\n    \
+                 except PermissionDeniedError as e:\n        print(403, flush=True)\n        print(str(e), e.body, flush=True)\n        sys.exit(0)\n    time.sleep(0.05)\n\
+                 sys.exit(1)\n"
+                ),
+            ],
+        ),
+    ];
+    if have_node && std::path::Path::new(&node_modules).join("undici").exists() {
+        programs.push((
+            "node",
+            vec!["node".into(), "-e".into(), format!(
+                "const {{ EnvHttpProxyAgent, setGlobalDispatcher }} = require('undici');\n\
+                 setGlobalDispatcher(new EnvHttpProxyAgent());\n\
+                 (async () => {{ for (let i = 0; i < 400; i++) {{\n\
+                 let r;\n\
+                 try {{ r = await fetch('{api}/v1/models'); }} catch (e) {{\n\
+                 // undici tunnels even plain HTTP: a refused CONNECT surfaces as the proxy's status.\n\
+                 // undici reports a refused tunnel as an aborted request: check it stays refused.\n\
+                 console.log(String(e.cause && e.cause.message));\n\
+                 for (let j = 0; j < 5; j++) {{ await new Promise(res => setTimeout(res, 50));\n\
+                 try {{ const again = await fetch('{api}/v1/models'); console.log(again.status); process.exit(1); }} catch (_) {{}} }}\n\
+                 console.log('refused'); process.exit(0); }}\n\
+                 console.log(r.status);\n\
+                 if (r.status === 403) {{ console.log(await r.text()); process.exit(0); }}\n\
+                 await new Promise(res => setTimeout(res, 50)); }} process.exit(1); }})();\n"
+            )],
+        ));
+    }
+    for (name, argv) in programs {
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let mut cmd = s.run(&refs);
+        cmd.env("NODE_PATH", &node_modules);
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await;
+        assert!(matches!(&first, Ok(Ok(Some(l))) if l == "200"), "{name}: {first:?}");
+        let running = s
+            .sessions()
+            .await
+            .into_iter()
+            .find(|x| x["status"] == "active")
+            .expect("the running agent's session");
+        let sid = running["id"].as_str().unwrap().to_string();
+        let auth = format!("Bearer {}", s.env.admin);
+        let r = s
+            .env
+            .client
+            .send_json(
+                Method::POST,
+                &format!("{}/v1/revocations", s.coordinator),
+                &[("authorization", &auth), ("x-caracal-tenant", &s.env.tenant)],
+                &json!({"kind": "session", "value": sid, "reason": "test"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let mut rest = Vec::new();
+        while let Ok(Ok(Some(l))) = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await {
+            rest.push(l);
+        }
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            use tokio::io::AsyncReadExt;
+            let _ = e.read_to_string(&mut err).await;
+        }
+        let status = child.wait().await.unwrap();
+        // The gateway's reason where the client exposes it; a refused CONNECT otherwise (undici
+        // reports the proxy's status only).
+        let refused = rest.iter().any(|l| l.contains("mandate_revoked"))
+            || (name == "node" && rest.last().is_some_and(|l| l == "refused"));
+        assert!(refused, "{name}: {rest:?} {err}");
+        assert_eq!(status.code(), Some(0), "{name}: the agent saw the refusal: {rest:?}");
+    }
 
     // Signals reach the child.
     let mut child = s.run(&["sleep", "30"]).spawn().unwrap();
