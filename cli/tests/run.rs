@@ -28,6 +28,44 @@ on_both_backends!(
     an_mtls_identity_is_a_workload_credential
 );
 
+/// Mandates are short-lived: an agent running longer than its mandate keeps working, unchanged
+/// and never restarted, while `caracal run` renews the session-bound mandate behind its relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_outlives_its_mandates() {
+    let Some(s) = start_sys(Backend::Sqlite).await else {
+        return;
+    };
+    let api = s.env.api_url();
+    // Mandates of 30 s, renewed at 3/5 of their life: a 25 s run crosses a renewal.
+    let script = format!(
+        "import sys, time, urllib.request\n\
+         bad = 0\nend = time.time() + 25\n\
+         while time.time() < end:\n    \
+         try:\n        urllib.request.urlopen('{api}/v1/models', timeout=5).read()\n    \
+         except Exception as e:\n        bad += 1\n        print(e, flush=True)\n    time.sleep(0.5)\n\
+         sys.exit(1 if bad else 0)\n"
+    );
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_caracal"));
+    cmd.args(["run", "--lifetime", "30", "--", "python3", "-c", &script])
+        .env("CARACAL_GATEWAY", s.env.proxy.to_string())
+        .env("CARACAL_GATEWAY_ADMIN_URL", format!("http://{}", s.env.admin_addr))
+        .env("CARACAL_STS_URL", &s.env.rt.config.gateway.sts_url)
+        .env("CARACAL_COORDINATOR_URL", &s.coordinator)
+        .env("CARACAL_API_KEY", &s.env.key);
+    let out = cmd.output().await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The first mandate, the session-bound one, and at least one renewal.
+    let mints = s.env.audit().await.iter().filter(|e| e.body["type"] == "mint").count();
+    assert!(mints >= 3, "{mints} mandates minted");
+    s.env.stop().await;
+}
+
 /// The OpenAI SDK with its default base URL (https://api.openai.com/v1), redirected only by
 /// the proxy environment `caracal run` sets: the gateway intercepts the tunnel and the stub
 /// resolver maps api.openai.com to a local mock on 127.0.0.1:443 (nothing leaves the machine).
@@ -228,12 +266,14 @@ async fn agents_run_unchanged_under_authority(b: Backend) {
     assert!(bud.status.is_success());
     let base = format!("https://llm.test:{}/v1", addr.port());
     let sdk = format!(
-        "from openai import OpenAI, RateLimitError\n\
+        "from openai import OpenAI, PermissionDeniedError, RateLimitError\n\
          c = OpenAI(api_key='sk-ignored', base_url='{base}', max_retries=0)\n\
          r = c.chat.completions.create(model='gpt-4o-mini', max_tokens=20, messages=[{{'role': 'user', 'content': 'hi'}}])\n\
          print('ok', r.usage.total_tokens)\n\
          try:\n    c.chat.completions.create(model='gpt-4o-mini', max_tokens=100000, messages=[])\n    print('not limited')\n\
-         except RateLimitError as e:\n    print('limited', e.status_code)\n"
+         except RateLimitError as e:\n    print('limited', e.status_code, e.body['code'])\n\
+         try:\n    c.chat.completions.create(model='o1-preview', max_tokens=5, messages=[])\n    print('not denied')\n\
+         except PermissionDeniedError as e:\n    print('denied', e.status_code, e.body['code'])\n"
     );
     for module in ["requests", "openai"] {
         if !python_has(module) {
@@ -250,14 +290,18 @@ async fn agents_run_unchanged_under_authority(b: Backend) {
         "{text} {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(text.lines().collect::<Vec<_>>(), vec!["ok 14", "limited 429"], "{text}");
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        vec!["ok 14", "limited 429 budget_exhausted", "denied 403 policy_denied"],
+        "{text}"
+    );
     assert_eq!(seen.lock().unwrap().last().unwrap(), "Bearer sk-openai-real");
 
     // The same through other stacks, unchanged: curl and Python httpx over HTTPS_PROXY with the
     // exported CA — success (credential injected), a policy denial, budget exhaustion.
     let chat = |model: &str, max: i64| json!({"model": model, "max_tokens": max, "messages": []}).to_string();
     let url = format!("{base}/chat/completions");
-    let (u1, u2) = (url.clone(), url.clone());
+    let (u1, u2, u3) = (url.clone(), url.clone(), url.clone());
     let clients: Vec<(&str, Argv)> = vec![
         (
             "curl",
@@ -272,6 +316,18 @@ async fn agents_run_unchanged_under_authority(b: Backend) {
                     "-d".into(),
                     body.to_string(),
                     u1.clone(),
+                ]
+            }),
+        ),
+        (
+            "requests",
+            Box::new(move |body: &str| {
+                vec![
+                    "python3".into(),
+                    "-c".into(),
+                    format!(
+                        "import requests; r = requests.post({u3:?}, data={body:?}, headers={{'content-type': 'application/json'}}); print(r.text, r.status_code)"
+                    ),
                 ]
             }),
         ),
@@ -571,14 +627,14 @@ async fn an_mtls_identity_is_a_workload_credential(b: Backend) {
             .args(["--", "curl", "-sS", &format!("{api}/v1/models")])
             .env("CARACAL_GATEWAY", env.proxy.to_string())
             .env("CARACAL_GATEWAY_ADMIN_URL", format!("http://{}", env.admin_addr))
-            .env("CARACAL_STS_URL", format!("https://localhost:{port}"))
+            .env("CARACAL_STS_URL", format!("https://127.0.0.1:{port}"))
             .env("CARACAL_COORDINATOR_URL", &coordinator)
             .env_remove("CARACAL_API_KEY");
         c
     };
     // The STS picks the new CA up within its refresh interval.
     let last = std::sync::Mutex::new(String::new());
-    let ok = eventually(Duration::from_secs(20), || {
+    let ok = eventually(Duration::from_secs(45), || {
         let out = run().output();
         let last = &last;
         async move {

@@ -307,7 +307,7 @@ async fn revocation_takes_effect_at_the_gateway(b: Backend) {
         200
     );
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(15), || async {
             env.via_proxy("GET", &u, &[("proxy-authorization", &auth(&m))], b"")
                 .await
                 .code()
@@ -370,7 +370,7 @@ async fn a_stale_revocation_feed_fails_closed(b: Backend) {
     assert!(r.headers.contains_key("retry-after"));
     let readyz = format!("http://{}/readyz", env.admin_addr);
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(15), || async {
             env.client.get(&readyz).await.unwrap().status == 503
         })
         .await,
@@ -431,7 +431,7 @@ async fn egress_bypass_attempts_are_refused(b: Backend) {
     let before = env.upstream.count();
     // Wait until the gateway's snapshot has the resource.
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(15), || async {
             env.via_proxy(
                 "GET",
                 &format!("http://priv.test:{port}/v1/x"),
@@ -490,7 +490,7 @@ async fn egress_bypass_attempts_are_refused(b: Backend) {
     .await;
     let rebind = format!("http://rebind.test:{port}/v1/x");
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(15), || async {
             env.via_proxy("GET", &rebind, &[("proxy-authorization", &auth(&m))], b"")
                 .await
                 .status
@@ -556,7 +556,7 @@ async fn egress_bypass_attempts_are_refused(b: Backend) {
     .await;
     let m3 = env.mandate(&[]).await;
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(15), || async {
             let r = env
                 .via_proxy(
                     "GET",
@@ -585,7 +585,7 @@ async fn egress_bypass_attempts_are_refused(b: Backend) {
     .await;
     let m2 = env.mandate(&[]).await;
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(15), || async {
             env.via_proxy(
                 "GET",
                 &format!("http://127.0.0.1:{gw_port}/v1/x"),
