@@ -35,6 +35,7 @@ pub fn router() -> Router<State> {
         .get("/v1/ledger/entries", entries)
         .get("/v1/ledger/entries/{event_id}", entry)
         .get("/v1/ledger/export", export)
+        .get("/v1/ledger/retention", retention)
 }
 
 /// Largest export (entries) in one response; page with `start`/`end`.
@@ -152,6 +153,23 @@ async fn heads(s: S, r: ApiRequest) -> Result<Response> {
     ok(&json!({ "items": hs.iter().map(head_json).collect::<Vec<_>>() }))
 }
 
+/// What retention has dropped, and the signed head that summarizes it.
+async fn retention(s: S, _r: ApiRequest) -> Result<Response> {
+    let store = &s.rt.store;
+    let below = store.ledger_pruned_below().await?;
+    let summary = if below > 0 {
+        store.ledger_heads(below, below, 1).await?.into_iter().next()
+    } else {
+        None
+    };
+    ok(&json!({
+        "pruned_below": below,
+        "summary_head": summary.as_ref().map(head_json),
+        "retention_seconds": s.rt.config.audit.retention.map(|d| d.as_secs()),
+        "partitions": store.ledger_partitions().await?.iter().map(|(lo, hi)| json!({"from_seq": lo, "to_seq": hi})).collect::<Vec<_>>(),
+    }))
+}
+
 /// Sign a head now (when the ledger grew since the last one).
 async fn sign(s: S, r: ApiRequest) -> Result<Response> {
     auditor(&s, &r).await?;
@@ -169,6 +187,15 @@ async fn consistency(s: S, r: ApiRequest) -> Result<Response> {
         return Err(Error::validation(format!(
             "a consistency proof needs 0 < first ≤ second ≤ {size} (the ledger's size)"
         )));
+    }
+    let pruned = s.rt.store.ledger_pruned_below().await?;
+    if first < pruned {
+        return Err(Error::new(
+            ErrorCode::Gone,
+            format!(
+                "entries below #{pruned} were dropped by retention: consistency proofs start at size {pruned}, whose signed head summarizes them"
+            ),
+        ));
     }
     let plan = Planner::default();
     ledger::consistency_proof(&plan, first, second)?;
@@ -267,6 +294,7 @@ async fn export(s: S, r: ApiRequest) -> Result<Response> {
         s.sign_head().await?;
     }
     let size = store.ledger_size().await?;
+    let pruned = store.ledger_pruned_below().await?;
     let (start, end) = match (u64_param(&r, "start")?, u64_param(&r, "end")?) {
         (Some(a), b) => (a, b.unwrap_or(size).min(size)),
         (None, Some(b)) => (0, b.min(size)),
@@ -279,14 +307,19 @@ async fn export(s: S, r: ApiRequest) -> Result<Response> {
     if start > end {
         return Err(Error::validation("start must not be after end"));
     }
+    // Entries dropped by retention: the export starts where the ledger does, with the head
+    // that summarizes the rest.
+    let (start, end) = (start.max(pruned), end.max(pruned));
     if end - start > MAX_EXPORT {
         return Err(Error::validation(format!(
             "at most {MAX_EXPORT} entries per export; page with start/end"
         )));
     }
     let latest = store.ledger_latest_head().await?;
-    // Heads over the range, and the first head at or after its end (which proves all of it).
-    let mut heads = store.ledger_heads(start + 1, end, 100_000).await?;
+    // Heads over the range (from one of the range's start: it proves the hashes left of the
+    // range, and after retention it is the summary of what was dropped), and the first head at
+    // or after its end (which proves all of it).
+    let mut heads = store.ledger_heads(start.max(1), end, 100_000).await?;
     let covering = store.ledger_head_covering(end.max(1)).await?;
     if let Some(h) = &covering
         && heads.last().map(|x| x.tree_size) != Some(h.tree_size)
@@ -305,6 +338,7 @@ async fn export(s: S, r: ApiRequest) -> Result<Response> {
             "start": start,
             "end": end,
             "ledger_size": size,
+            "pruned_below": pruned,
             "latest_head_size": latest.as_ref().map(|h| h.tree_size),
             "tenant": c.tenant,
             "generated_at": caracal_shared::time::now_micros(),

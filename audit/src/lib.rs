@@ -4,6 +4,8 @@
 //!   batches (one transaction each) and acknowledge only after the commit.
 //! - [`State::sign_head`]: signs a tree head (ECDSA P-256) whenever the ledger grew, every
 //!   `audit.head_interval`, and on demand.
+//! - [`State::apply_retention`]: every `audit.retention_interval`, drops entries older than
+//!   `audit.retention` up to a signed head, which stays as their summary.
 //! - [`api`]: heads, inclusion and consistency proofs, queries and JSON Lines exports that
 //!   `caracal merkle verify-range` checks offline.
 //!
@@ -57,6 +59,22 @@ impl State {
         self.metrics.head_timestamp.set(head.timestamp as f64 / 1e6);
         Ok(Some(head))
     }
+
+    /// Retention: drop the entries recorded before `cutoff` (µs) up to the largest signed head
+    /// they fill, which stays as their summary. Returns the new boundary and the entries
+    /// dropped (0 when nothing is old enough or no head falls inside the old part yet).
+    pub async fn apply_retention(&self, cutoff: i64) -> Result<(u64, u64)> {
+        let store = &self.rt.store;
+        let below = store.ledger_retention_boundary(cutoff).await?;
+        let removed = store.ledger_prune(below).await?;
+        let now = store.ledger_pruned_below().await?;
+        self.metrics.pruned_below.set(now as i64);
+        self.metrics.pruned.inc_by(removed);
+        if removed > 0 {
+            tracing::info!(pruned_below = now, removed, "retention dropped old ledger entries");
+        }
+        Ok((now, removed))
+    }
 }
 
 /// Load keys, start the consumers and the head signer.
@@ -67,8 +85,18 @@ pub async fn start(rt: &Runtime, registry: &prometheus::Registry) -> Result<Arc<
     let pepper = keys.pepper.clone().ok_or_else(|| missing("pepper"))?;
     let signer = rt.store.ledger_signer(&seal).await?;
     tracing::info!(key_id = %signer.public.key_id, "ledger heads are signed with this key");
+    let wanted = rt.config.audit.partition_entries;
+    let psize = rt.store.ledger_set_partition_size(wanted).await?;
+    if psize != 0 && psize != wanted {
+        tracing::warn!(
+            configured = wanted,
+            in_effect = psize,
+            "audit.partition_entries is fixed once the ledger has partitions; keeping the size in effect"
+        );
+    }
     let metrics = Metrics::new(registry);
     metrics.tree_size.set(rt.store.ledger_size().await? as i64);
+    metrics.pruned_below.set(rt.store.ledger_pruned_below().await? as i64);
     let state = Arc::new(State {
         rt: rt.clone(),
         pepper,
@@ -94,6 +122,23 @@ pub async fn start(rt: &Runtime, registry: &prometheus::Registry) -> Result<Arc<
             }
         }
     });
+    if let Some(keep) = rt.config.audit.retention {
+        let s3 = state.clone();
+        let sd = rt.shutdown.clone();
+        let every = rt.config.audit.retention_interval;
+        tokio::spawn(async move {
+            loop {
+                let cutoff = now_micros() - keep.as_micros() as i64;
+                if let Err(e) = s3.apply_retention(cutoff).await {
+                    tracing::warn!(error = %e, "ledger retention failed");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = sd.wait() => break,
+                }
+            }
+        });
+    }
     Ok(state)
 }
 

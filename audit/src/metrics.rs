@@ -16,6 +16,9 @@ pub struct Metrics {
     /// Time to append one batch (one transaction).
     pub append: Histogram,
     pub batch_size: Histogram,
+    /// Entries below this sequence number were dropped by retention.
+    pub pruned_below: IntGauge,
+    pub pruned: IntCounter,
 }
 
 impl Metrics {
@@ -72,6 +75,18 @@ impl Metrics {
                     ]),
             )
             .expect("metric"),
+            pruned_below: IntGauge::with_opts(
+                Opts::new(
+                    "audit_pruned_below",
+                    "Entries below this sequence number were dropped by retention (summarized by the signed head of this size)",
+                )
+                .namespace(NAMESPACE),
+            )
+            .expect("metric"),
+            pruned: IntCounter::with_opts(
+                Opts::new("audit_pruned_entries_total", "Entries dropped by retention").namespace(NAMESPACE),
+            )
+            .expect("metric"),
         };
         for c in [
             Box::new(m.appended.clone()) as Box<dyn prometheus::core::Collector>,
@@ -83,6 +98,8 @@ impl Metrics {
             Box::new(m.head_errors.clone()),
             Box::new(m.append.clone()),
             Box::new(m.batch_size.clone()),
+            Box::new(m.pruned_below.clone()),
+            Box::new(m.pruned.clone()),
         ] {
             let _ = r.register(c);
         }

@@ -30,6 +30,7 @@ on_both_backends!(
     every_stream_lands_in_one_order_with_verifiable_proofs,
     tenant_tokens_see_their_tenant_and_exports_verify_offline,
     consumers_killed_mid_load_lose_and_duplicate_nothing,
+    retention_drops_old_entries_and_every_proof_about_the_rest_stays_valid,
 );
 
 struct Env {
@@ -438,6 +439,221 @@ async fn tenant_tokens_see_their_tenant_and_exports_verify_offline(b: Backend) {
     assert!(
         r.problems.iter().any(|p| matches!(p, ledger::Problem::Head { .. })),
         "a head under an unknown key is refused"
+    );
+    env.stop().await;
+}
+
+fn hashes(v: &Value) -> Vec<ledger::Hash> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|h| from_hex(h.as_str().unwrap()).unwrap())
+        .collect()
+}
+
+async fn retention_drops_old_entries_and_every_proof_about_the_rest_stays_valid(b: Backend) {
+    // Small partitions (Postgres) so retention drops whole ones and deletes within another.
+    let Some(env) = start_with(b, |c| c.audit.partition_entries = 16, |bus| bus).await else {
+        return;
+    };
+    let t = TenantId::new();
+    let store = env.rt.store.clone();
+    // Old entries: 37 of them (32 + 4 + 1: the kept prefix has a lone leaf), a head at 20 and 37.
+    for i in 0..20 {
+        env.decision(i, t, "agt_old");
+    }
+    env.wait_for_size(20).await;
+    let h20 = env.sign().await;
+    for i in 20..37 {
+        env.decision(i, t, "agt_old");
+    }
+    env.wait_for_size(37).await;
+    let h37 = env.sign().await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let cutoff = caracal_shared::time::now_micros();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // Young entries, and a head over them.
+    for i in 37..70 {
+        env.decision(i, t, "agt_young");
+    }
+    env.wait_for_size(70).await;
+    let h70 = env.sign().await;
+    let young = env
+        .get(&env.platform, "/v1/ledger/entries?agent_id=agt_young&limit=1000")
+        .await;
+    let young: Vec<Record> = young["items"].as_array().unwrap().iter().map(record_of).collect();
+    assert_eq!(young.len(), 33);
+    let parts = store.ledger_partitions().await.unwrap();
+    if b == Backend::Postgres {
+        // Created ahead of the ledger as it grew: #0..#79 in partitions of 16, one spare.
+        assert_eq!(parts, (0..6).map(|n| (n * 16, n * 16 + 16)).collect::<Vec<_>>());
+    } else {
+        assert!(parts.is_empty(), "the embedded database keeps one table");
+    }
+
+    // Nothing is old before the first entry: nothing to cut.
+    assert_eq!(store.ledger_retention_boundary(0).await.unwrap(), 0);
+    assert_eq!(store.ledger_prune(0).await.unwrap(), 0);
+    // The cut is the largest signed head inside the old part; never anywhere else.
+    let below = store.ledger_retention_boundary(cutoff).await.unwrap();
+    assert_eq!(below, 37);
+    let err = store.ledger_prune(30).await.unwrap_err();
+    assert!(err.to_string().contains("signed head"), "{err}");
+    assert_eq!(store.ledger_prune(below).await.unwrap(), 37);
+    assert_eq!(store.ledger_prune(below).await.unwrap(), 0, "idempotent");
+    assert_eq!(store.ledger_prune(20).await.unwrap(), 0, "never backwards");
+    assert_eq!(store.ledger_pruned_below().await.unwrap(), 37);
+    if b == Backend::Postgres {
+        // #0..#31 went with their partitions; #32..#36 were deleted from the next one.
+        assert_eq!(store.ledger_partitions().await.unwrap()[0], (32, 48));
+    }
+    // Only the prefix's own subtrees remain of it: (5, 0) = #0..#31, (2, 8) = #32..#35, leaf #36.
+    let kept = store
+        .ledger_nodes(&[(5, 0), (2, 8), (0, 36), (0, 35), (1, 0), (3, 1), (4, 0), (1, 17)])
+        .await
+        .unwrap();
+    let mut have: Vec<(u32, u64)> = kept.keys().copied().collect();
+    have.sort_unstable();
+    assert_eq!(have, vec![(0, 36), (2, 8), (5, 0)]);
+
+    // The dropped entries are gone from every query; the rest answer as before.
+    let old = env.get(&env.platform, "/v1/ledger/entries?agent_id=agt_old").await;
+    assert!(old["items"].as_array().unwrap().is_empty());
+    let all = env.get(&env.platform, "/v1/ledger/entries?limit=1000").await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 33);
+    assert_eq!(all["items"][0]["seq"], 37);
+    let ret = env.get(&env.platform, "/v1/ledger/retention").await;
+    assert_eq!(ret["pruned_below"], 37);
+    if b == Backend::Postgres {
+        assert_eq!(ret["partitions"][0], json!({"from_seq": 32, "to_seq": 48}));
+    }
+    let summary: TreeHead = serde_json::from_value(ret["summary_head"].clone()).unwrap();
+    assert_eq!(summary, h37, "the signed head that summarizes what was dropped");
+    let m = env.client.get(&format!("{}/metrics", env.url)).await.unwrap().text();
+    assert!(m.contains("caracal_audit_pruned_below"), "{m}");
+
+    // Growth after the cut: the appender pairs new leaves with the kept subtrees.
+    for i in 70..100 {
+        env.decision(i, t, "agt_young");
+    }
+    env.wait_for_size(100).await;
+    let h100 = env.sign().await;
+    let later = env
+        .get(&env.platform, "/v1/ledger/entries?after_seq=69&limit=1000")
+        .await;
+    let later: Vec<Record> = later["items"].as_array().unwrap().iter().map(record_of).collect();
+    assert_eq!(later.len(), 30);
+    // Inclusion of every remaining entry in the heads after the cut (#37: its proof reads the
+    // kept leaf #36).
+    for (rec, head) in young.iter().map(|r| (r, &h70)).chain(later.iter().map(|r| (r, &h100))) {
+        for h in [head, &h100] {
+            let p = env
+                .get(
+                    &env.platform,
+                    &format!("/v1/ledger/proofs/inclusion?seq={}&tree_size={}", rec.seq, h.tree_size),
+                )
+                .await;
+            assert!(
+                verify_inclusion(
+                    &rec.leaf_hash(),
+                    rec.seq,
+                    h.tree_size,
+                    &hashes(&p["audit_path"]),
+                    &h.root().unwrap()
+                ),
+                "inclusion of #{} in {}",
+                rec.seq,
+                h.tree_size
+            );
+        }
+    }
+    // Consistency from the summary head (and later ones) to the newest: the ledger after the cut
+    // extends exactly what the summary committed to.
+    for first in [&h37, &h70] {
+        let c = env
+            .get(
+                &env.platform,
+                &format!("/v1/ledger/proofs/consistency?first={}&second=100", first.tree_size),
+            )
+            .await;
+        assert!(verify_consistency(
+            first.tree_size,
+            &first.root().unwrap(),
+            100,
+            &h100.root().unwrap(),
+            &hashes(&c["proof"])
+        ));
+    }
+    // Before the cut there is nothing left to prove from: a clear 410.
+    let r = env
+        .client
+        .get(&format!(
+            "{}/v1/ledger/proofs/consistency?first={}&second=100",
+            env.url, h20.tree_size
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 410, "{}", r.text());
+    assert_eq!(r.json_value()["error"]["code"], "gone", "{}", r.text());
+
+    // An export of everything starts at the cut, carries the summary head, and verifies offline.
+    let keys = env.keys().await;
+    let text = env.text(&env.platform, "/v1/ledger/export?start=0").await;
+    let report = ledger::verify_export(&text, &keys);
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!((report.start, report.end, report.entries), (37, 100, 63));
+    assert_eq!(report.summarized_below, Some(37));
+    assert!(report.heads_verified.contains(&70) && report.heads_verified.contains(&100));
+    // So does one by time from long before the cut.
+    let text2 = env
+        .text(&env.platform, "/v1/ledger/export?since=2000-01-01&until=2100-01-01")
+        .await;
+    let report = ledger::verify_export(&text2, &keys);
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.summarized_below, Some(37));
+    // Tampering is still caught: an edited entry, and a summary head whose root was changed.
+    let edited = text.replace("\"n\":50,", "\"n\":51,");
+    assert_ne!(edited, text);
+    let r = ledger::verify_export(&edited, &keys);
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| matches!(p, ledger::Problem::Edited { seq, .. } if *seq >= 37)),
+        "{:?}",
+        r.problems
+    );
+    let forged_root = ledger::to_hex(&ledger::leaf_hash(b"forged"));
+    let forged: String = text
+        .lines()
+        .map(|l| {
+            if l.contains("\"type\":\"head\"") && l.contains("\"tree_size\":37") {
+                l.replace(&h37.root_hash, &forged_root)
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let r = ledger::verify_export(&forged, &keys);
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| matches!(p, ledger::Problem::Head { tree_size: 37, .. })),
+        "{:?}",
+        r.problems
+    );
+    assert_eq!(r.summarized_below, None);
+    // An export whose summary head was withheld is not a verified summary.
+    let withheld: String = text
+        .lines()
+        .filter(|l| !(l.contains("\"type\":\"head\"") && l.contains("\"tree_size\":37")))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let r = ledger::verify_export(&withheld, &keys);
+    assert!(
+        r.problems.contains(&ledger::Problem::Unprovable { tree_size: 37 }),
+        "{:?}",
+        r.problems
     );
     env.stop().await;
 }

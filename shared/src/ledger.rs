@@ -218,6 +218,13 @@ fn blocks(start: u64, end: u64) -> Vec<(u32, u64)> {
     out
 }
 
+/// The complete subtrees that make up the first `n` leaves, largest first: the only hashes of
+/// that prefix any proof over a larger tree reads (each other subtree inside it has a parent
+/// inside it too). Retention keeps these when it drops the prefix.
+pub fn prefix_blocks(n: u64) -> Vec<(u32, u64)> {
+    blocks(0, n)
+}
+
 /// MTH of leaves `[start, end)` from complete subtrees (RFC 6962 splits at the largest power of
 /// two, which for these ranges is exactly a right fold of their blocks).
 pub fn range_hash(src: &dyn NodeSource, start: u64, end: u64) -> Result<Hash> {
@@ -991,6 +998,9 @@ pub struct Report {
     pub heads_verified: Vec<u64>,
     /// Entries `[from, end)` recorded after the newest signed head (not yet provable).
     pub unsigned_from: Option<u64>,
+    /// Entries below this were dropped by retention, and the signed head of this size — which
+    /// summarizes them — verified against the hashes the range builds on.
+    pub summarized_below: Option<u64>,
     pub problems: Vec<Problem>,
 }
 
@@ -1006,6 +1016,9 @@ struct ExportHeader {
     end: u64,
     ledger_size: u64,
     latest_head_size: Option<u64>,
+    /// Entries below this were dropped by retention (absent in older exports: none).
+    #[serde(default)]
+    pruned_below: u64,
 }
 
 /// Verify a JSON Lines export (see the audit service's `/v1/ledger/export`) with trusted
@@ -1159,6 +1172,17 @@ pub fn verify_export(text: &str, keys: &[LedgerPublicKey]) -> Report {
                 from: last_ok,
                 to: head.tree_size.min(h.end),
             }),
+        }
+    }
+    // Retention: what was dropped must be summarized by a signed head of exactly the size the
+    // range starts at (verified above like every head).
+    if h.pruned_below > 0 && h.start == h.pruned_below {
+        if r.heads_verified.contains(&h.start) {
+            r.summarized_below = Some(h.start);
+        } else if !r.problems.iter().any(|p| {
+            matches!(p, Problem::Head { tree_size, .. } | Problem::Unprovable { tree_size } | Problem::RootMismatch { tree_size, .. } if *tree_size == h.start)
+        }) {
+            r.problems.push(Problem::Unprovable { tree_size: h.start });
         }
     }
     let covered = heads.iter().map(|x| x.tree_size).max().unwrap_or(0);

@@ -253,3 +253,65 @@ async fn store_is_reopenable(db: &TestDb) {
     assert_eq!(again.tenant_by_name("persisted").await.unwrap().name, "persisted");
     again.close().await;
 }
+
+/// Postgres migration 0006 partitions a ledger that already holds entries: every entry keeps
+/// its place, the root does not move, and appends go on into partitions created ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_partitioning_migration_keeps_existing_entries() {
+    use caracal_shared::store::ledger::NewLedgerEvent;
+    let Some(db) = TestDb::new(caracal_shared::testing::Backend::Postgres).await else {
+        return;
+    };
+    let s = &db.store;
+    let event = |i: u64| NewLedgerEvent {
+        event_id: format!("evt_{i}"),
+        stream: "audit".into(),
+        kind: "decision".into(),
+        tenant: None,
+        agent_id: Some("agt_1".into()),
+        resource_id: None,
+        decision: Some("allow".into()),
+        occurred_at: 1_000 + i as i64,
+        body: json!({ "n": i }),
+    };
+    let first: Vec<NewLedgerEvent> = (0..45).map(event).collect();
+    s.ledger_append(&first).await.unwrap();
+    let root = s.ledger_root(45).await.unwrap();
+    // Back to the layout before 0006 (what an older release left): one plain table.
+    let pre_0006 = include_str!("../../migrations/postgres/0004_ledger.sql");
+    let create = &pre_0006
+        [pre_0006.find("CREATE TABLE ledger_entries").unwrap()..pre_0006.find("-- Hashes of complete").unwrap()];
+    let caracal_shared::store::Backend::Pg(pool) = s.backend() else {
+        unreachable!()
+    };
+    let steps = format!(
+        "CREATE TABLE saved AS SELECT * FROM ledger_entries;
+         DROP TABLE ledger_entries;
+         {create}
+         INSERT INTO ledger_entries SELECT * FROM saved;
+         DROP TABLE saved;
+         ALTER TABLE ledger_state DROP COLUMN partition_size, DROP COLUMN partitions_below;
+         DELETE FROM _caracal_migrations WHERE version = 6;"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(steps)).execute(pool).await.unwrap();
+    assert!(s.ledger_partitions().await.is_err(), "not partitioned any more");
+
+    assert_eq!(s.migrate().await.unwrap(), vec![6]);
+    let ps = 1u64 << 22;
+    assert_eq!(s.ledger_partitions().await.unwrap(), vec![(0, ps)]);
+    assert_eq!(s.ledger_root(45).await.unwrap(), root, "the same tree");
+    let all = s.ledger_range(0, 45).await.unwrap();
+    assert_eq!(all.len(), 45);
+    assert!(all.iter().all(|e| e.record.leaf_hash() == e.leaf_hash));
+    // Duplicates are still dropped by event id; new events land after the old ones.
+    let more: Vec<NewLedgerEvent> = (40..60).map(event).collect();
+    let a = s.ledger_append(&more).await.unwrap();
+    assert_eq!((a.appended, a.size), (15, 60));
+    assert_eq!(s.ledger_entry_by_event("evt_59").await.unwrap().unwrap().record.seq, 59);
+    assert_eq!(
+        s.ledger_partitions().await.unwrap(),
+        vec![(0, ps)],
+        "still room in the first"
+    );
+    db.cleanup().await;
+}

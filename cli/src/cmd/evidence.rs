@@ -454,6 +454,7 @@ fn print_report(r: &ledger::Report, warnings: &[String], format: ReportFormat) {
                     "redacted": r.redacted,
                     "heads_verified": r.heads_verified,
                     "unsigned_from": r.unsigned_from,
+                    "summarized_below": r.summarized_below,
                     "problems": r.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
                     "warnings": warnings,
                 })
@@ -471,6 +472,12 @@ fn print_report(r: &ledger::Report, warnings: &[String], format: ReportFormat) {
                 r.redacted,
                 r.heads_verified.len()
             );
+            if let Some(b) = r.summarized_below {
+                println!(
+                    "entries #0..#{} were dropped by retention; the signed head of size {b} summarizes them and matches",
+                    b - 1
+                );
+            }
             if let Some(u) = r.unsigned_from {
                 println!("note: entries from #{u} are newer than the last signed head (not yet provable)");
             }

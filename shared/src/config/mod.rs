@@ -176,6 +176,14 @@ pub struct AuditConfig {
     /// An event's own timestamp is kept only within this distance of the ledger's clock
     /// (further out it is recorded as the ledger's time, and the original kept in the body).
     pub max_clock_skew: Duration,
+    /// Entries recorded longer ago than this are dropped, up to a signed tree head that stays
+    /// as their summary (proofs about what remains stay valid). None: kept forever.
+    pub retention: Option<Duration>,
+    /// How often retention runs (when `retention` is set).
+    pub retention_interval: Duration,
+    /// Entries per partition of the ledger on Postgres (retention drops whole partitions).
+    /// Takes effect only before the first partition exists; fixed after.
+    pub partition_entries: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -468,7 +476,21 @@ impl Config {
             head_interval: src.parse_with("audit.head_interval", Duration::from_secs(1), parse_duration),
             batch: src.get("audit.batch", 1000usize),
             max_clock_skew: src.parse_with("audit.max_clock_skew", Duration::from_secs(300), parse_duration),
+            retention: src.parse_with("audit.retention", None, |s| parse_duration(s).map(Some)),
+            retention_interval: src.parse_with("audit.retention_interval", Duration::from_secs(600), parse_duration),
+            partition_entries: src.get("audit.partition_entries", 1u64 << 22),
         };
+        if !(16..=1u64 << 40).contains(&audit.partition_entries) {
+            src.invalid("audit.partition_entries", "must be between 16 and 2^40");
+        }
+        // Shorter would let an event redelivered late (a consumer's pending entry reclaimed
+        // after its lease) land again once its first copy is gone.
+        if audit.retention.is_some_and(|r| r < Duration::from_secs(3600)) {
+            src.invalid("audit.retention", "must be at least 1h");
+        }
+        if audit.retention_interval < Duration::from_secs(1) {
+            src.invalid("audit.retention_interval", "must be at least 1s");
+        }
         if audit.head_interval < Duration::from_millis(10) {
             src.invalid("audit.head_interval", "must be at least 10ms");
         }

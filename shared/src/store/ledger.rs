@@ -125,15 +125,66 @@ impl NodeSource for TxNodes<'_> {
     }
 }
 
+/// The ledger's state row, read under its lock.
+struct LedgerState {
+    size: u64,
+    pruned_below: u64,
+    /// Entries per partition of `ledger_entries` (Postgres; 0: not partitioned).
+    partition_size: u64,
+    /// Partitions exist for every seq below this.
+    partitions_below: u64,
+}
+
+/// Partition `n` of the ledger's entries: seq in `[n * size, (n + 1) * size)` (the naming the
+/// Postgres migration 0006 uses too).
+fn partition_name(n: u64) -> String {
+    format!("ledger_entries_p{n}")
+}
+
 impl Tx {
-    async fn ledger_size_locked(&mut self) -> Result<u64> {
+    async fn ledger_state_locked(&mut self) -> Result<LedgerState> {
         let sql = if self.kind() == DbKind::Postgres {
-            "SELECT size FROM ledger_state WHERE id = 1 FOR UPDATE"
+            "SELECT size, pruned_below, partition_size, partitions_below FROM ledger_state WHERE id = 1 FOR UPDATE"
         } else {
-            "SELECT size FROM ledger_state WHERE id = 1"
+            "SELECT size, pruned_below, partition_size, partitions_below FROM ledger_state WHERE id = 1"
         };
-        let (size,): (i64,) = tx!(self, c => sqlx::query_as(sql).fetch_one(c).await)?;
-        Ok(size as u64)
+        let (size, pruned, psize, pbelow): (i64, i64, i64, i64) =
+            tx!(self, c => sqlx::query_as(sql).fetch_one(c).await)?;
+        Ok(LedgerState {
+            size: size as u64,
+            pruned_below: pruned as u64,
+            partition_size: if self.kind() == DbKind::Postgres {
+                psize.max(0) as u64
+            } else {
+                0
+            },
+            partitions_below: pbelow as u64,
+        })
+    }
+
+    /// Make sure partitions exist for every seq below `new`, one partition ahead (Postgres).
+    async fn ledger_ensure_partitions(&mut self, st: &LedgerState, new: u64) -> Result<()> {
+        let ps = st.partition_size;
+        if ps == 0 || new <= st.partitions_below {
+            return Ok(());
+        }
+        let mut below = st.partitions_below.max(st.size / ps * ps);
+        while below < new + ps {
+            let n = below / ps;
+            let sql = format!(
+                "CREATE TABLE IF NOT EXISTS {} PARTITION OF ledger_entries FOR VALUES FROM ({}) TO ({})",
+                partition_name(n),
+                n * ps,
+                (n + 1) * ps
+            );
+            tx_exec!(self, sqlx::query(sqlx::AssertSqlSafe(sql.clone())))?;
+            below += ps;
+        }
+        tx_exec!(
+            self,
+            sqlx::query("UPDATE ledger_state SET partitions_below = $1 WHERE id = 1").bind(below as i64)
+        )?;
+        Ok(())
     }
 
     async fn ledger_fetch_nodes(&mut self, wanted: &[(u32, u64)]) -> Result<NodeMap> {
@@ -156,6 +207,7 @@ impl Tx {
                 out.insert((0, s as u64), to_hash(&h)?);
             }
         }
+        let inner = with_pruned_leaves(inner, &leaves, &out);
         for chunk in inner.chunks(200) {
             let cond = (0..chunk.len())
                 .map(|i| format!("(level = ${} AND idx = ${})", 2 * i + 1, 2 * i + 2))
@@ -177,6 +229,13 @@ impl Tx {
     }
 }
 
+/// Leaf hashes not found among the entries are looked up among the nodes: retention keeps there
+/// the one leaf (if any) of the pruned prefix that later proofs still read.
+fn with_pruned_leaves(mut inner: Vec<(u32, u64)>, leaves: &[i64], found: &NodeMap) -> Vec<(u32, u64)> {
+    inner.extend(leaves.iter().map(|s| (0, *s as u64)).filter(|k| !found.contains_key(k)));
+    inner
+}
+
 fn to_hash(v: &[u8]) -> Result<Hash> {
     v.try_into()
         .map_err(|_| Error::internal("a stored hash is not 32 bytes"))
@@ -187,7 +246,8 @@ impl Store {
     /// were new and the ledger's size after.
     pub async fn ledger_append(&self, events: &[NewLedgerEvent]) -> Result<Appended> {
         let mut tx = self.begin().await?;
-        let old = tx.ledger_size_locked().await?;
+        let st = tx.ledger_state_locked().await?;
+        let old = st.size;
         if events.is_empty() {
             tx.rollback().await?;
             return Ok(Appended { appended: 0, size: old });
@@ -232,6 +292,7 @@ impl Store {
         }
         let recorded_at = now_micros();
         let new = old + fresh.len() as u64;
+        tx.ledger_ensure_partitions(&st, new).await?;
         let mut nodes = NodeMap::new();
         let mut rows = Vec::with_capacity(fresh.len());
         for (i, e) in fresh.iter().enumerate() {
@@ -398,6 +459,7 @@ impl Store {
                 out.insert((0, s as u64), to_hash(&h)?);
             }
         }
+        let inner = with_pruned_leaves(inner, &leaves, &out);
         for chunk in inner.chunks(200) {
             let cond = (0..chunk.len())
                 .map(|i| format!("(level = ${} AND idx = ${})", 2 * i + 1, 2 * i + 2))
@@ -504,6 +566,140 @@ impl Store {
             (Some(lo), Some(hi)) => (lo as u64, hi as u64 + 1),
             _ => (0, 0),
         })
+    }
+
+    /// How far retention has pruned: entries below this sequence number are gone, summarized
+    /// by the signed head of exactly this size (0: nothing pruned).
+    pub async fn ledger_pruned_below(&self) -> Result<u64> {
+        let (p,): (i64,) =
+            read!(self, p => sqlx::query_as("SELECT pruned_below FROM ledger_state WHERE id = 1").fetch_one(p).await)?;
+        Ok(p as u64)
+    }
+
+    /// Where retention may cut for entries recorded before `cutoff` (µs): the largest signed
+    /// head size not beyond the first entry recorded at or after the cutoff (so every entry
+    /// dropped is old, and the head summarizes exactly what is dropped).
+    pub async fn ledger_retention_boundary(&self, cutoff: i64) -> Result<u64> {
+        let (young,): (Option<i64>,) = read!(self, p => sqlx::query_as(
+            "SELECT MIN(seq) FROM ledger_entries WHERE recorded_at >= $1").bind(cutoff).fetch_one(p).await)?;
+        let limit = match young {
+            Some(s) => s,
+            None => self.ledger_size().await? as i64,
+        };
+        let (b,): (Option<i64>,) = read!(self, p => sqlx::query_as(
+            "SELECT MAX(tree_size) FROM ledger_heads WHERE tree_size <= $1").bind(limit).fetch_one(p).await)?;
+        Ok(b.unwrap_or(0) as u64)
+    }
+
+    /// Retention: drop the entries below `below` — which must be the size of a signed head:
+    /// that head stays as their summary — with every subtree hash inside them except the
+    /// prefix's own ([`ledger::prefix_blocks`]), which later proofs and roots still read. Every
+    /// proof about what remains stays valid and servable. Returns the entries dropped.
+    pub async fn ledger_prune(&self, below: u64) -> Result<u64> {
+        let mut tx = self.begin().await?;
+        let st = tx.ledger_state_locked().await?;
+        let (size, pruned) = (st.size, st.pruned_below);
+        if below <= pruned {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        if below > size {
+            return Err(Error::validation(format!(
+                "cannot prune below {below}: the ledger holds {size} entries"
+            )));
+        }
+        let head: Option<(i64,)> = tx!(tx, c => sqlx::query_as("SELECT tree_size FROM ledger_heads WHERE tree_size = $1")
+            .bind(below as i64).fetch_optional(c).await)?;
+        if head.is_none() {
+            return Err(Error::validation(format!(
+                "retention cuts only at a signed head's size, and none has size {below}"
+            )));
+        }
+        let keep = ledger::prefix_blocks(below);
+        if let Some(&(0, leaf)) = keep.last() {
+            let (h,): (Vec<u8>,) = tx!(tx, c => sqlx::query_as("SELECT leaf_hash FROM ledger_entries WHERE seq = $1")
+                .bind(leaf as i64).fetch_one(c).await)?;
+            tx_exec!(
+                tx,
+                sqlx::query(
+                    "INSERT INTO ledger_nodes (level, idx, hash) VALUES (0, $1, $2) ON CONFLICT (level, idx) DO NOTHING"
+                )
+                .bind(leaf as i64)
+                .bind(h)
+            )?;
+        }
+        // Whole partitions below the cut are dropped; the rest of the prefix is deleted.
+        if let (Some(first), Some(end)) = (
+            pruned.checked_div(st.partition_size),
+            below.checked_div(st.partition_size),
+        ) {
+            for n in first..end {
+                let sql = format!("DROP TABLE IF EXISTS {}", partition_name(n));
+                tx_exec!(tx, sqlx::query(sqlx::AssertSqlSafe(sql.clone())))?;
+            }
+        }
+        tx_exec!(
+            tx,
+            sqlx::query("DELETE FROM ledger_entries WHERE seq < $1").bind(below as i64)
+        )?;
+        // Subtrees wholly inside the prefix, except the prefix's own blocks.
+        let except = (0..keep.len())
+            .map(|i| format!(" AND NOT (level = ${} AND idx = ${})", 2 * i + 2, 2 * i + 3))
+            .collect::<String>();
+        let sql = format!("DELETE FROM ledger_nodes WHERE ((idx + 1) << level) <= $1{except}");
+        tx_exec!(tx, {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(below as i64);
+            for (l, i) in &keep {
+                q = q.bind(*l as i32).bind(*i as i64);
+            }
+            q
+        })?;
+        tx_exec!(
+            tx,
+            sqlx::query("UPDATE ledger_state SET pruned_below = $1 WHERE id = 1").bind(below as i64)
+        )?;
+        tx.commit().await?;
+        Ok(below - pruned)
+    }
+
+    /// Entries per partition of the ledger (Postgres): `entries` until the first partition
+    /// exists, fixed after. Returns the size in effect (0: this backend does not partition).
+    pub async fn ledger_set_partition_size(&self, entries: u64) -> Result<u64> {
+        if self.kind() != DbKind::Postgres {
+            return Ok(0);
+        }
+        super::write_exec!(
+            self,
+            sqlx::query("UPDATE ledger_state SET partition_size = $1 WHERE id = 1 AND partitions_below = 0")
+                .bind(entries as i64)
+        )?;
+        let (ps,): (i64,) = read!(self, p => sqlx::query_as("SELECT partition_size FROM ledger_state WHERE id = 1").fetch_one(p).await)?;
+        Ok(ps as u64)
+    }
+
+    /// The partitions holding the ledger's entries, as `[first seq, end)` ranges in order
+    /// (empty on a backend that does not partition).
+    pub async fn ledger_partitions(&self) -> Result<Vec<(u64, u64)>> {
+        let super::Backend::Pg(pool) = self.backend() else {
+            return Ok(Vec::new());
+        };
+        let (ps,): (i64,) = sqlx::query_as("SELECT partition_size FROM ledger_state WHERE id = 1")
+            .fetch_one(pool)
+            .await?;
+        let names: Vec<(String,)> = sqlx::query_as(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'ledger_entries'::regclass",
+        )
+        .fetch_all(pool)
+        .await?;
+        let ps = ps as u64;
+        let mut out: Vec<(u64, u64)> = names
+            .iter()
+            .filter_map(|(n,)| n.strip_prefix("ledger_entries_p")?.parse::<u64>().ok())
+            .map(|n| (n * ps, (n + 1) * ps))
+            .collect();
+        out.sort_unstable();
+        Ok(out)
     }
 
     pub async fn ledger_insert_head(&self, h: &TreeHead) -> Result<bool> {

@@ -36,6 +36,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(3, "0003_authority"),
     migration!(4, "0004_ledger"),
     migration!(5, "0005_coordination"),
+    migration!(6, "0006_ledger_partitions"),
 ];
 
 const LOCK_KEY: i64 = 0x6361_7261_6361_6c00; // "caracal\0"
