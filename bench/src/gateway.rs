@@ -211,10 +211,9 @@ async fn wrk(t: &Target, connections: usize, seconds: u64) -> Option<Stats> {
     })
 }
 
-fn row(name: &str, s: &Stats, base: Option<&Stats>) -> String {
-    let ratio = base
-        .map(|b| format!("{:.2}×", s.rps() / b.rps().max(1e-9)))
-        .unwrap_or_else(|| "—".into());
+/// A table row; `vs`: throughput relative to the plain passthrough.
+fn row(name: &str, s: &Stats, vs: Option<f64>) -> String {
+    let ratio = vs.map(|r| format!("{r:.2}×")).unwrap_or_else(|| "—".into());
     format!(
         "| {name} | {:.0} | {ratio} | {} | {} | {} | {} |",
         s.rps(),
@@ -225,7 +224,22 @@ fn row(name: &str, s: &Stats, base: Option<&Stats>) -> String {
     )
 }
 
-pub async fn run(store: Store, seconds: u64, connections: usize, rate: u64, only: Option<String>, threads: usize) {
+/// The median of `v` (sorted in place).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub async fn run(
+    store: Store,
+    seconds: u64,
+    connections: usize,
+    rate: u64,
+    only: Option<String>,
+    threads: usize,
+    rounds: usize,
+) {
+    let rounds = rounds.max(1);
     let up = upstream();
     let plain = plain_proxy(up, threads);
     let sys = System::start_with(store, |c| c.gateway.threads = threads).await;
@@ -352,22 +366,54 @@ pub async fn run(store: Store, seconds: u64, connections: usize, rate: u64, only
         store.label()
     );
     println!(
-        "\nThroughput, closed loop, {connections} keep-alive connections, {seconds}s each ({}):\n",
+        "\nThroughput, closed loop, {connections} keep-alive connections, {seconds}s per target per round, {rounds} rounds in rotating order ({}):\n",
         if use_wrk { "wrk -t1" } else { "in-process generator" }
     );
-    println!("| path | req/s | vs plain | p50 | p99 | p99.9 | errors |");
-    println!("|---|---|---|---|---|---|---|");
-    let mut full = Vec::new();
-    for t in &targets {
-        let s = if use_wrk {
-            wrk(t, connections, seconds).await.expect("wrk output")
-        } else {
-            closed_loop(t.connect, connections, Duration::from_secs(seconds), t.make()).await
-        };
-        full.push(s);
+    // rounds[r][i]: target i in round r.
+    let mut by_round: Vec<Vec<Stats>> = Vec::new();
+    for r in 0..rounds {
+        let mut this: Vec<Option<Stats>> = (0..targets.len()).map(|_| None).collect();
+        for k in 0..targets.len() {
+            let i = (k + r) % targets.len();
+            let t = &targets[i];
+            let s = if use_wrk {
+                wrk(t, connections, seconds).await.expect("wrk output")
+            } else {
+                closed_loop(t.connect, connections, Duration::from_secs(seconds), t.make()).await
+            };
+            this[i] = Some(s);
+        }
+        let this: Vec<Stats> = this.into_iter().map(|s| s.expect("every target ran")).collect();
+        println!(
+            "round {}: {}",
+            r + 1,
+            targets
+                .iter()
+                .zip(&this)
+                .map(|(t, s)| format!("{} {:.0}", t.name, s.rps()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        by_round.push(this);
     }
+    // Each target's median round (for its latency figures), and median per-round ratios.
+    let full: Vec<Stats> = (0..targets.len())
+        .map(|i| {
+            let mut rs: Vec<(f64, usize)> = by_round.iter().enumerate().map(|(r, v)| (v[i].rps(), r)).collect();
+            rs.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let r = rs[rs.len() / 2].1;
+            by_round[r][i].clone()
+        })
+        .collect();
+    let ratio = |i: usize, base: usize| {
+        let mut v: Vec<f64> = by_round.iter().map(|x| x[i].rps() / x[base].rps().max(1e-9)).collect();
+        median(&mut v)
+    };
+    println!();
+    println!("| path | req/s (median round) | vs plain (median of per-round ratios) | p50 | p99 | p99.9 | errors |");
+    println!("|---|---|---|---|---|---|---|");
     for (i, t) in targets.iter().enumerate() {
-        println!("{}", row(t.name, &full[i], (i > 0).then(|| &full[1])));
+        println!("{}", row(t.name, &full[i], (i > 0).then(|| ratio(i, 1))));
     }
 
     println!("\nLatency at a fixed {rate} req/s, open loop, 16 connections, {seconds}s each:\n");
@@ -378,7 +424,14 @@ pub async fn run(store: Store, seconds: u64, connections: usize, rate: u64, only
         fixed.push(open_loop(t.connect, 16, rate, Duration::from_secs(seconds), t.make()).await);
     }
     for (i, t) in targets.iter().enumerate() {
-        println!("{}", row(t.name, &fixed[i], (i > 0).then(|| &fixed[1])));
+        println!(
+            "{}",
+            row(
+                t.name,
+                &fixed[i],
+                (i > 0).then(|| fixed[i].rps() / fixed[1].rps().max(1e-9))
+            )
+        );
     }
     let added = |p: f64, base: &Stats| fmt(fixed[2].pct(p).saturating_sub(base.pct(p)));
     println!(
@@ -389,9 +442,9 @@ pub async fn run(store: Store, seconds: u64, connections: usize, rate: u64, only
         added(99.0, &fixed[1]),
     );
     println!(
-        "Budgets (reserve + settle per request, {} store): throughput {:.2}× the governed path without budgets; added p50 {} p99 {} at {rate} req/s",
+        "Budgets (reserve + settle per request, {} store): throughput {:.2}× the governed path without budgets (median of per-round ratios); added p50 {} p99 {} at {rate} req/s",
         store.label(),
-        full[3].rps() / full[2].rps().max(1e-9),
+        ratio(3, 2),
         fmt(fixed[3].pct(50.0).saturating_sub(fixed[2].pct(50.0))),
         fmt(fixed[3].pct(99.0).saturating_sub(fixed[2].pct(99.0))),
     );
@@ -403,7 +456,7 @@ pub async fn run(store: Store, seconds: u64, connections: usize, rate: u64, only
         .text();
     let audited = m
         .lines()
-        .find(|l| l.starts_with("caracal_audit_events_emitted_total") || l.starts_with("caracal_audit_emitted_total"))
+        .find(|l| l.starts_with("caracal_audit_events_total{outcome=\"queued\"}"))
         .unwrap_or("(audit counter not found)")
         .to_string();
     println!("gateway audit counter after the run: {audited}");

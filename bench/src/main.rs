@@ -83,6 +83,11 @@ enum Cmd {
         /// Proxy threads, for both the plain passthrough and the gateway.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Closed-loop rounds: every target once per round, in a rotating order; the table
+        /// shows each target's median round and the ratios are medians of per-round ratios
+        /// (a shared VM drifts by tens of percent between minutes).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// Revocation propagation: revoke call returning → the last of two gateways refusing.
     Revocation {
@@ -129,7 +134,8 @@ fn main() {
                 rate,
                 only,
                 threads,
-            } => gateway::run(store, seconds, connections, rate, only, threads).await,
+                rounds,
+            } => gateway::run(store, seconds, connections, rate, only, threads, rounds).await,
             Cmd::Revocation { store, iterations } => revocation::run(store, iterations).await,
         }
     });

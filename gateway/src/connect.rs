@@ -165,7 +165,7 @@ impl Front {
             .resources
             .iter()
             .filter_map(|rc| snap.resources.get(&rc.id))
-            .find(|r| r.res.host_allowed(host) && r.base_port == port)
+            .find(|r| r.host_allowed(host) && r.base_port == port)
             .cloned()
             .ok_or_else(|| {
                 Error::new(

@@ -224,7 +224,7 @@ impl Gateway {
                 continue;
             }
             let Some(r) = snap.resources.get(&rc.id) else { continue };
-            if r.res.host_allowed(&t.host) && r.base_port == t.port && r.https == t.https {
+            if r.host_allowed(&t.host) && r.base_port == t.port && r.https == t.https {
                 found = Some(r.clone());
                 break;
             }
@@ -361,7 +361,10 @@ impl Gateway {
             gateway: &self.rt.config.gateway.id,
             reserved: e.reserved.map(crate::budget::ReservedView),
         };
-        let body = serde_json::to_string(&record).map_err(|e| Error::internal(e.to_string()))?;
+        // A decision record is a few hundred bytes: one allocation instead of growing from 128.
+        let mut buf = Vec::with_capacity(768);
+        serde_json::to_writer(&mut buf, &record).map_err(|e| Error::internal(e.to_string()))?;
+        let body = String::from_utf8(buf).map_err(|e| Error::internal(e.to_string()))?;
         self.audit.emit_json("decision", claims.map(|c| c.tenant), body)
     }
 }

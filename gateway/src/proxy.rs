@@ -105,7 +105,10 @@ fn request_id(req: &RequestHeader) -> String {
         {
             v.to_string()
         }
-        _ => uuid::Uuid::new_v4().simple().to_string(),
+        _ => {
+            let mut buf = uuid::Uuid::encode_buffer();
+            uuid::Uuid::new_v4().simple().encode_lower(&mut buf).to_owned()
+        }
     }
 }
 

@@ -52,6 +52,8 @@ pub enum Injection {
 /// A resource as the request path needs it.
 pub struct ResourceEntry {
     pub res: Resource,
+    /// The hosts this resource answers for (computed once: matched per request).
+    pub hosts: Vec<String>,
     pub https: bool,
     pub base_host: String,
     pub base_port: u16,
@@ -69,6 +71,57 @@ pub struct ResourceEntry {
     pub upstream_ca_der: Option<Arc<Vec<Vec<u8>>>>,
     /// Prices for budgets (`settings.pricing`).
     pub pricing: Arc<caracal_shared::metering::Pricing>,
+    /// Egress-checked addresses of the hosts requests went to (dropped with the entry when
+    /// the resource, and so its egress rules, change).
+    pub dns: DnsCache,
+}
+
+/// Checked answers for the hosts of one resource, looked up per request by the borrowed host
+/// name (no allocation, no async cache machinery on the hot path).
+pub struct DnsCache {
+    ttl: Duration,
+    hosts: RwLock<HashMap<String, Vec<DnsAnswer>>>,
+}
+
+/// `(port, valid until, checked address)`.
+type DnsAnswer = (u16, Instant, SocketAddr);
+
+/// Most distinct hosts one resource caches (wildcard resources may see many).
+const DNS_CACHE_HOSTS: usize = 4096;
+
+impl DnsCache {
+    pub fn new(ttl: Duration) -> DnsCache {
+        DnsCache {
+            ttl,
+            hosts: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn get(&self, host: &str, port: u16) -> Option<SocketAddr> {
+        let now = Instant::now();
+        let m = self.hosts.read().unwrap_or_else(|p| p.into_inner());
+        m.get(host)?
+            .iter()
+            .find(|(p, until, _)| *p == port && *until > now)
+            .map(|(_, _, a)| *a)
+    }
+
+    pub fn insert(&self, host: &str, port: u16, addr: SocketAddr) {
+        let now = Instant::now();
+        let mut m = self.hosts.write().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= DNS_CACHE_HOSTS && !m.contains_key(host) {
+            m.retain(|_, v| {
+                v.retain(|(_, until, _)| *until > now);
+                !v.is_empty()
+            });
+            if m.len() >= DNS_CACHE_HOSTS {
+                m.clear();
+            }
+        }
+        let v = m.entry(host.to_string()).or_default();
+        v.retain(|(p, _, _)| *p != port);
+        v.push((port, now + self.ttl, addr));
+    }
 }
 
 impl std::fmt::Debug for ResourceEntry {
@@ -81,11 +134,17 @@ impl std::fmt::Debug for ResourceEntry {
 }
 
 impl ResourceEntry {
+    /// Whether `host` is one this resource answers for.
+    pub fn host_allowed(&self, host: &str) -> bool {
+        caracal_shared::store::resources::host_matches(&self.hosts, host)
+    }
+
     fn build(
         res: Resource,
         credential: Option<Secret>,
         deny: &[SocketAddr],
         resolver: Arc<dyn Resolver>,
+        dns_ttl: Duration,
     ) -> Result<ResourceEntry> {
         let (scheme, base_host, base_port, base_path) = parse_base_url(&res.base_url)?;
         let sensitive = |v: String| -> Result<HeaderValue> {
@@ -167,6 +226,8 @@ impl ResourceEntry {
             }
         };
         Ok(ResourceEntry {
+            dns: DnsCache::new(dns_ttl),
+            hosts: res.effective_hosts(),
             https: scheme == "https",
             base_host,
             base_port,
@@ -273,7 +334,6 @@ pub struct Gateway {
     pub revocations: RevocationSet,
     pub audit: AuditEmitter,
     pub limiter: RateLimiter<AgentId>,
-    pub dns: moka::future::Cache<(ResourceId, String, u16), Arc<Vec<SocketAddr>>>,
     pub metrics: Metrics,
     pub resolver: Arc<dyn Resolver>,
     pub own: Vec<SocketAddr>,
@@ -325,10 +385,6 @@ impl Gateway {
             revocations: RevocationSet::new(cfg.revocation_staleness),
             audit,
             limiter: RateLimiter::new(cfg.agent_rate_per_sec, cfg.agent_rate_burst),
-            dns: moka::future::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(cfg.dns_ttl)
-                .build(),
             metrics,
             resolver,
             own,
@@ -368,7 +424,13 @@ impl Gateway {
             };
             let id = res.id;
             let key = (res.tenant_id, res.name.clone());
-            match ResourceEntry::build(res, cred, &self.own, self.resolver.clone()) {
+            match ResourceEntry::build(
+                res,
+                cred,
+                &self.own,
+                self.resolver.clone(),
+                self.rt.config.gateway.dns_ttl,
+            ) {
                 Ok(e) => {
                     snap.resources.insert(id, Arc::new(e));
                     snap.by_name.insert(key, id);
@@ -400,9 +462,8 @@ impl Gateway {
             };
             snap.active.insert((tenant, policy), (version, compiled));
         }
+        // Cached DNS answers go with the old entries (checked against the old egress rules).
         *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snap);
-        // Cached DNS answers were checked against the old egress rules.
-        self.dns.invalidate_all();
         Ok(())
     }
 
@@ -549,17 +610,45 @@ impl Gateway {
 
     /// Resolve (cached) and check `host:port` for a resource; returns a checked address.
     pub async fn resolve(&self, r: &Arc<ResourceEntry>, host: &str, port: u16) -> Result<SocketAddr> {
-        let key = (r.res.id, host.to_string(), port);
-        if let Some(a) = self.dns.get(&key).await
-            && let Some(first) = a.first()
-        {
-            return Ok(*first);
+        if let Some(a) = r.dns.get(host, port) {
+            return Ok(a);
         }
         let addrs = r.guard.resolve_checked(host, port).await?;
         let first = *addrs
             .first()
             .ok_or_else(|| Error::new(ErrorCode::UpstreamUnreachable, "no address"))?;
-        self.dns.insert(key, Arc::new(addrs)).await;
+        r.dns.insert(host, port, first);
         Ok(first)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_answers_are_per_host_and_port_and_expire() {
+        let a: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let b: SocketAddr = "127.0.0.2:8080".parse().unwrap();
+        let c = DnsCache::new(Duration::from_secs(60));
+        assert_eq!(c.get("api.test", 80), None);
+        c.insert("api.test", 80, a);
+        c.insert("api.test", 8080, b);
+        assert_eq!(c.get("api.test", 80), Some(a));
+        assert_eq!(c.get("api.test", 8080), Some(b));
+        assert_eq!(c.get("api.test", 443), None);
+        assert_eq!(c.get("other.test", 80), None);
+        c.insert("api.test", 80, b);
+        assert_eq!(c.get("api.test", 80), Some(b), "a new answer replaces the old one");
+        let gone = DnsCache::new(Duration::ZERO);
+        gone.insert("api.test", 80, a);
+        assert_eq!(gone.get("api.test", 80), None, "expired");
+        // Bounded: past the cap, expired hosts go first, then everything.
+        let full = DnsCache::new(Duration::from_secs(60));
+        for i in 0..DNS_CACHE_HOSTS + 10 {
+            full.insert(&format!("h{i}.test"), 80, a);
+        }
+        assert!(full.hosts.read().unwrap().len() <= DNS_CACHE_HOSTS);
+        assert_eq!(full.get(&format!("h{}.test", DNS_CACHE_HOSTS + 9), 80), Some(a));
     }
 }

@@ -584,19 +584,23 @@ async fn egress_bypass_attempts_are_refused(b: Backend) {
     )
     .await;
     let m2 = env.mandate(&[]).await;
+    let last = std::sync::Mutex::new(String::new());
     assert!(
         eventually(Duration::from_secs(15), || async {
-            env.via_proxy(
-                "GET",
-                &format!("http://127.0.0.1:{gw_port}/v1/x"),
-                &[("proxy-authorization", &auth(&m2))],
-                b"",
-            )
-            .await
-            .code()
-                == "egress_denied"
+            let r = env
+                .via_proxy(
+                    "GET",
+                    &format!("http://127.0.0.1:{gw_port}/v1/x"),
+                    &[("proxy-authorization", &auth(&m2))],
+                    b"",
+                )
+                .await;
+            *last.lock().unwrap() = format!("{} {}", r.status, String::from_utf8_lossy(&r.body));
+            r.code() == "egress_denied"
         })
-        .await
+        .await,
+        "the gateway's own listener is refused; last answer: {}",
+        last.lock().unwrap()
     );
     env.stop().await;
 }

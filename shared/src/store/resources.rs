@@ -200,6 +200,20 @@ pub fn parse_base_url(url: &str) -> Result<(String, String, u16, String)> {
     Ok((scheme.to_string(), host, port, path))
 }
 
+/// Whether `host` is one of `patterns` (lower-case names, or `*.suffix` for any subdomain),
+/// compared without regard to ASCII case and without allocating (the gateway asks per request).
+pub fn host_matches(patterns: &[String], host: &str) -> bool {
+    let hb = host.as_bytes();
+    patterns.iter().any(|h| match h.strip_prefix("*.") {
+        Some(suffix) => {
+            hb.len() > suffix.len() + 1
+                && hb[hb.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+                && hb[hb.len() - suffix.len() - 1] == b'.'
+        }
+        None => h.as_bytes().eq_ignore_ascii_case(hb),
+    })
+}
+
 impl Resource {
     pub fn validate(&self) -> Result<()> {
         crate::store::tenants::validate_slug("name", &self.name)?;
@@ -271,15 +285,7 @@ impl Resource {
     }
 
     pub fn host_allowed(&self, host: &str) -> bool {
-        let host = host.to_ascii_lowercase();
-        self.effective_hosts().iter().any(|h| match h.strip_prefix("*.") {
-            Some(suffix) => {
-                host.len() > suffix.len() + 1
-                    && host.ends_with(suffix)
-                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
-            }
-            None => *h == host,
-        })
+        host_matches(&self.effective_hosts(), host)
     }
 
     fn aad(tenant: TenantId, id: ResourceId, cred_version: i64) -> Vec<u8> {
