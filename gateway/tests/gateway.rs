@@ -427,11 +427,12 @@ async fn egress_bypass_attempts_are_refused(b: Backend) {
         Some(json!({"agent_id": env.agent, "resource_id": res["id"], "policy_id": env.policy, "scopes": ["*"]})),
     )
     .await;
-    let m = env.mandate(&[]).await;
     let before = env.upstream.count();
-    // Wait until the gateway's snapshot has the resource.
+    // Wait until the STS mints mandates covering the new grant (its grant cache is invalidated
+    // by a bus event) and the gateway's snapshot has the resource: a fresh mandate each try.
     assert!(
         eventually(Duration::from_secs(15), || async {
+            let m = env.mandate(&[]).await;
             env.via_proxy(
                 "GET",
                 &format!("http://priv.test:{port}/v1/x"),
@@ -444,6 +445,7 @@ async fn egress_bypass_attempts_are_refused(b: Backend) {
         })
         .await
     );
+    let m = env.mandate(&[]).await;
     for h in &hosts {
         let r = env
             .via_proxy(
@@ -554,9 +556,9 @@ async fn egress_bypass_attempts_are_refused(b: Backend) {
         Some(json!({"agent_id": env.agent, "resource_id": wide["id"], "policy_id": env.policy, "scopes": ["*"]})),
     )
     .await;
-    let m3 = env.mandate(&[]).await;
     assert!(
         eventually(Duration::from_secs(15), || async {
+            let m3 = env.mandate(&[]).await;
             let r = env
                 .via_proxy(
                     "GET",
@@ -583,10 +585,10 @@ async fn egress_bypass_attempts_are_refused(b: Backend) {
         Some(json!({"agent_id": env.agent, "resource_id": own["id"], "policy_id": env.policy, "scopes": ["*"]})),
     )
     .await;
-    let m2 = env.mandate(&[]).await;
     let last = std::sync::Mutex::new(String::new());
     assert!(
         eventually(Duration::from_secs(15), || async {
+            let m2 = env.mandate(&[]).await;
             let r = env
                 .via_proxy(
                     "GET",
