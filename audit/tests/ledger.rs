@@ -499,7 +499,13 @@ async fn retention_drops_old_entries_and_every_proof_about_the_rest_stays_valid(
     assert_eq!(below, 37);
     let err = store.ledger_prune(30).await.unwrap_err();
     assert!(err.to_string().contains("signed head"), "{err}");
-    assert_eq!(store.ledger_prune(below).await.unwrap(), 37);
+    // What the periodic retention task runs (an audit State of its own, with its metrics).
+    let registry = prometheus::Registry::new();
+    let state = caracal_audit::start(&env.rt, &registry).await.unwrap();
+    assert_eq!(state.apply_retention(cutoff).await.unwrap(), (37, 37));
+    assert_eq!(state.apply_retention(cutoff).await.unwrap(), (37, 0), "idempotent");
+    assert_eq!(state.metrics.pruned_below.get(), 37);
+    assert_eq!(state.metrics.pruned.get(), 37);
     assert_eq!(store.ledger_prune(below).await.unwrap(), 0, "idempotent");
     assert_eq!(store.ledger_prune(20).await.unwrap(), 0, "never backwards");
     assert_eq!(store.ledger_pruned_below().await.unwrap(), 37);
