@@ -52,6 +52,8 @@ pub struct Ctx {
     reservation: Option<crate::budget::Reservation>,
     /// Reads usage from the response as it streams by (when a budget needs it).
     usage: Option<caracal_shared::metering::UsageScanner>,
+    /// The mandate was revoked while the request was in flight and the response was cut.
+    revoked_in_flight: bool,
 }
 
 /// Write a Caracal JSON error. Authentication failures on the forward proxy answer 407 with
@@ -643,6 +645,7 @@ impl ProxyHttp for Proxy {
             forward_target: String::new(),
             reservation: None,
             usage: None,
+            revoked_in_flight: false,
         }
     }
 
@@ -848,6 +851,7 @@ impl ProxyHttp for Proxy {
             && d.mandate.is_revoked(&self.gw.revocations)
         {
             self.gw.metrics.responses_cut.inc();
+            ctx.revoked_in_flight = true;
             return Err(pingora::Error::explain(
                 pingora::ErrorType::InternalError,
                 "mandate revoked mid-response",
@@ -870,6 +874,8 @@ impl ProxyHttp for Proxy {
             };
         }
         let code = match e.etype() {
+            // Cut before anything was sent: say why (the client may retry with a new mandate).
+            _ if ctx.revoked_in_flight => ErrorCode::MandateRevoked,
             ConnectTimedout | ReadTimedout | WriteTimedout => ErrorCode::UpstreamTimeout,
             _ if matches!(e.esource(), pingora::ErrorSource::Upstream) => ErrorCode::UpstreamUnreachable,
             HTTPStatus(403) => ErrorCode::Forbidden,
@@ -883,10 +889,10 @@ impl ProxyHttp for Proxy {
         };
         let err = Error::new(
             code,
-            if code == ErrorCode::UpstreamTimeout {
-                "the upstream timed out"
-            } else {
-                "the upstream could not be reached"
+            match code {
+                ErrorCode::MandateRevoked => "the mandate was revoked while the request was in flight",
+                ErrorCode::UpstreamTimeout => "the upstream timed out",
+                _ => "the upstream could not be reached",
             },
         );
         let _ = respond_error(session, &err, false, &ctx.request_id).await;

@@ -290,6 +290,19 @@ async fn revocation_takes_effect_at_the_gateway(b: Backend) {
             .status,
         200
     );
+    // A request already forwarded when the revocation lands: its response is refused with the
+    // reason (nothing had been sent to the client yet).
+    let before = env.upstream.count();
+    let slow = {
+        let (proxy, m, url) = (env.proxy, m.clone(), format!("{}/v1/slow", env.api_url()));
+        tokio::spawn(async move {
+            common::proxy_request(proxy, "GET", &url, &[("proxy-authorization", &auth(&m))], b"").await
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async { env.upstream.count() > before }).await,
+        "the slow request reached the upstream"
+    );
     // Revoking the API key the mandate was minted with revokes the mandate.
     let keys = env
         .api(Method::GET, &format!("/v1/agents/{}/api-keys", env.agent), None)
@@ -315,6 +328,13 @@ async fn revocation_takes_effect_at_the_gateway(b: Backend) {
         })
         .await,
         "the revocation reached the gateway"
+    );
+    let r = slow.await.unwrap();
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (403, "mandate_revoked"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
     );
     let r = env
         .via_proxy("GET", &u, &[("proxy-authorization", &auth(&m))], b"")

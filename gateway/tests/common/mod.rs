@@ -102,7 +102,7 @@ impl hyper::body::Body for ChannelBody {
 
 /// An HTTP upstream that records each request and answers JSON (special paths: `/redirect`
 /// answers a redirect to the metadata address; `/status/<n>` answers that status; `/stream`
-/// streams a chunk every 50 ms).
+/// streams a chunk every 50 ms; `/slow` answers after 3 s).
 pub async fn upstream() -> Upstream {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -145,6 +145,9 @@ pub async fn upstream() -> Upstream {
                             resp.headers_mut()
                                 .insert("content-type", "text/event-stream".parse().unwrap());
                             return Ok::<_, Infallible>(resp);
+                        }
+                        if target.ends_with("/slow") {
+                            tokio::time::sleep(Duration::from_secs(3)).await;
                         }
                         let mut resp = http::Response::new(
                             Full::new(Bytes::from(
