@@ -117,6 +117,30 @@ impl Env {
         ])
     }
 
+    /// `caracal ledger export` of everything to a file, then verify-range on that file offline
+    /// with the pinned public key.
+    fn verify_offline(&self) -> Out {
+        let export = self.dir.join("export.jsonl");
+        let o = self.caracal(&[
+            "ledger",
+            "export",
+            "--since",
+            "2000-01-01",
+            "--out",
+            export.to_str().unwrap(),
+        ]);
+        assert_eq!(o.code, 0, "export: {}", o.stdout);
+        let key = self.dir.join("ledger.pem");
+        self.caracal(&[
+            "merkle",
+            "verify-range",
+            "--file",
+            export.to_str().unwrap(),
+            "--public-key",
+            key.to_str().unwrap(),
+        ])
+    }
+
     async fn sql(&self, q: &str) {
         let q = q.to_string();
         write_exec!(self.rt.store, sqlx::query(sqlx::AssertSqlSafe(q.clone()))).unwrap();
@@ -228,25 +252,7 @@ async fn query_and_verify_and_every_tamper_is_located(b: Backend) {
     let o = env.verify();
     assert_eq!(o.code, 0, "{}", o.stdout);
     assert!(o.stdout.contains("40 entries checked"), "{}", o.stdout);
-    let export = env.dir.join("export.jsonl");
-    let o = env.caracal(&[
-        "ledger",
-        "export",
-        "--since",
-        "2000-01-01",
-        "--out",
-        export.to_str().unwrap(),
-    ]);
-    assert_eq!(o.code, 0, "{}", o.stdout);
-    let key = env.dir.join("ledger.pem");
-    let o = env.caracal(&[
-        "merkle",
-        "verify-range",
-        "--file",
-        export.to_str().unwrap(),
-        "--public-key",
-        key.to_str().unwrap(),
-    ]);
+    let o = env.verify_offline();
     assert_eq!(o.code, 0, "offline: {}", o.stdout);
 
     // 1. An edited event.
@@ -394,23 +400,7 @@ async fn query_and_verify_and_every_tamper_is_located(b: Backend) {
         "{}",
         o.stdout
     );
-    let o = env.caracal(&[
-        "ledger",
-        "export",
-        "--since",
-        "2000-01-01",
-        "--out",
-        export.to_str().unwrap(),
-    ]);
-    assert_eq!(o.code, 0, "{}", o.stdout);
-    let o = env.caracal(&[
-        "merkle",
-        "verify-range",
-        "--file",
-        export.to_str().unwrap(),
-        "--public-key",
-        key.to_str().unwrap(),
-    ]);
+    let o = env.verify_offline();
     assert_eq!(o.code, 0, "offline after retention: {}", o.stdout);
     assert!(o.stdout.contains("summarizes them and matches"), "{}", o.stdout);
 

@@ -361,10 +361,6 @@ impl Gateway {
             gateway: &self.rt.config.gateway.id,
             reserved: e.reserved.map(crate::budget::ReservedView),
         };
-        // A decision record is a few hundred bytes: one allocation instead of growing from 128.
-        let mut buf = Vec::with_capacity(768);
-        serde_json::to_writer(&mut buf, &record).map_err(|e| Error::internal(e.to_string()))?;
-        let body = String::from_utf8(buf).map_err(|e| Error::internal(e.to_string()))?;
-        self.audit.emit_json("decision", claims.map(|c| c.tenant), body)
+        self.audit.emit_record("decision", claims.map(|c| c.tenant), &record)
     }
 }

@@ -597,12 +597,7 @@ impl Proxy {
                 cut_short: cut_short.is_some(),
                 settled: &settled,
             };
-            let mut buf = Vec::with_capacity(512);
-            if serde_json::to_writer(&mut buf, &ev).is_err() {
-                return;
-            }
-            let Ok(body) = String::from_utf8(buf) else { return };
-            if let Err(e) = self.gw.audit.emit_json("metering", Some(c.tenant), body) {
+            if let Err(e) = self.gw.audit.emit_record("metering", Some(c.tenant), &ev) {
                 tracing::warn!(error = %e, request_id = %ctx.request_id, "a budget settlement could not be recorded");
             }
         }

@@ -162,6 +162,15 @@ impl AuditEmitter {
         self.emit_json(kind, tenant, body.to_string())
     }
 
+    /// Queue one event serialised from `record` (one buffer, sized for a typical event: the
+    /// gateway emits one or two of these per request).
+    pub fn emit_record<T: serde::Serialize>(&self, kind: &str, tenant: Option<TenantId>, record: &T) -> Result<()> {
+        let mut buf = Vec::with_capacity(768);
+        serde_json::to_writer(&mut buf, record).map_err(|e| Error::internal(e.to_string()))?;
+        let body = String::from_utf8(buf).map_err(|e| Error::internal(e.to_string()))?;
+        self.emit_json(kind, tenant, body)
+    }
+
     /// Queue one event whose body is already JSON text (the caller serialised it, e.g. from a
     /// struct, without building a `Value`). The text must be one JSON value.
     pub fn emit_json(&self, kind: &str, tenant: Option<TenantId>, body: String) -> Result<()> {

@@ -153,11 +153,8 @@ impl Tx {
         Ok(LedgerState {
             size: size as u64,
             pruned_below: pruned as u64,
-            partition_size: if self.kind() == DbKind::Postgres {
-                psize.max(0) as u64
-            } else {
-                0
-            },
+            // 0 on SQLite (its column default; only Postgres sets a size).
+            partition_size: psize.max(0) as u64,
             partitions_below: pbelow as u64,
         })
     }
