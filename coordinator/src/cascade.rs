@@ -17,6 +17,8 @@
 //! applies; the transaction commits everything or nothing. A walk larger than
 //! `coordinator.max_cascade` is refused as a whole.
 
+use std::time::Duration;
+
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use caracal_shared::error::{Error, ErrorCode, Result};
@@ -61,6 +63,9 @@ pub struct Outcome {
     pub revocation_ids: Vec<String>,
     /// The revocation records published (`kind:value`).
     pub revocations: Vec<String>,
+    /// Whether the records were on the bus (which every gateway follows) when the call
+    /// answered; false: committed and queued, the relay publishes them shortly.
+    pub published: bool,
 }
 
 struct Walk<'a> {
@@ -333,5 +338,8 @@ async fn run_once(s: &State, t: TenantId, targets: &[Target], reason: &str, acto
     .await?;
     tx.commit().await?;
     s.metrics.cascades.inc();
+    // Answer once the records are on the bus, so a caller's next request meets gateways that
+    // have them rather than racing the outbox relay.
+    out.published = s.rt.store.outbox_wait_published(Duration::from_secs(2)).await?;
     Ok(out)
 }

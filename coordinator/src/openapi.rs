@@ -335,7 +335,8 @@ fn schemas() -> Value {
             ("mandates_revoked", json!({ "type": "array", "items": id("mdt") })),
             ("delegations_revoked", json!({ "type": "array", "items": id("dlg") })),
             ("invocations_cancelled", int()), ("revocation_ids", json!({ "type": "array", "items": st() })),
-            ("revocations", json!({ "type": "array", "items": st() }))]),
+            ("revocations", json!({ "type": "array", "items": st() })),
+            ("published", json!({ "type": "boolean", "description": "the revocation records were on the bus every gateway follows when the call answered (false: committed and queued)" }))]),
         "Limits": open(&[("max_active_sessions", int()), ("max_leases", int()), ("max_open_invocations", int()), ("overrides", json!({ "type": "object" }))]),
     })
 }

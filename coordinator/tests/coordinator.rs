@@ -802,6 +802,7 @@ async fn cascade_reaches_the_gateway(b: Backend) {
     assert_eq!(r.body["delegations_revoked"].as_array().unwrap().len(), 1);
     assert_eq!(r.body["invocations_cancelled"], 2);
     assert!(!r.body["revocation_ids"].as_array().unwrap().is_empty());
+    assert_eq!(r.body["published"], true, "answered once the records were on the bus");
 
     // Every descendant's mandate is refused by the running gateway; others (including the
     // mandate that started the root, which is not its descendant) are not.

@@ -156,6 +156,10 @@ async fn outbox_is_atomic_with_the_state_change(db: &TestDb) {
         serde_json::from_str::<serde_json::Value>(&rows[0].body).unwrap(),
         json!({"name": "kept"})
     );
+    // Waiting for publication: not while the row is pending, at once after.
+    assert!(!s.outbox_wait_published(Duration::from_millis(30)).await.unwrap());
+    s.outbox_mark_published(&[rows[0].id]).await.unwrap();
+    assert!(s.outbox_wait_published(Duration::from_millis(30)).await.unwrap());
 }
 
 async fn sequenced_streams_number_events_densely(db: &TestDb) {

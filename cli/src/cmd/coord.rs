@@ -169,12 +169,17 @@ fn print_outcome(v: &Value, format: Format) {
     }
     let n = |k: &str| v[k].as_array().map(|a| a.len()).unwrap_or(0);
     println!(
-        "revoked: {} session(s), {} mandate(s), {} delegation(s); {} invocation(s) cancelled; {} revocation record(s) published to every gateway",
+        "revoked: {} session(s), {} mandate(s), {} delegation(s); {} invocation(s) cancelled; {} revocation record(s) {}",
         n("sessions_revoked"),
         n("mandates_revoked"),
         n("delegations_revoked"),
         v["invocations_cancelled"].as_u64().unwrap_or(0),
         n("revocations"),
+        if v["published"] == false {
+            "committed and queued for every gateway (the bus is behind)"
+        } else {
+            "published to every gateway"
+        },
     );
     for s in v["sessions_revoked"].as_array().into_iter().flatten() {
         println!("  session {}", s.as_str().unwrap_or(""));

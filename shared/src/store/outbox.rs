@@ -143,6 +143,26 @@ impl Store {
         Ok(n)
     }
 
+    /// Wait (polling, at most `timeout`) until every row written so far is published; false if
+    /// the relay did not get there in time (the rows stay queued and are published later).
+    pub async fn outbox_wait_published(&self, timeout: std::time::Duration) -> Result<bool> {
+        let (upto,): (Option<i64>,) =
+            read!(self, p => sqlx::query_as("SELECT MAX(id) FROM outbox").fetch_one(p).await)?;
+        let Some(upto) = upto else { return Ok(true) };
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (n,): (i64,) = read!(self, p => sqlx::query_as(
+                "SELECT COUNT(*) FROM outbox WHERE published_at IS NULL AND id <= $1").bind(upto).fetch_one(p).await)?;
+            if n == 0 {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// Has `consumer` applied `event_id`?
     pub async fn is_consumed(&self, consumer: &str, event_id: &str) -> Result<bool> {
         let r: Option<(i64,)> = read!(self, p => sqlx::query_as(
