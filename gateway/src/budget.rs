@@ -81,7 +81,9 @@ pub struct Hold {
     pub tenant: Arc<str>,
     lease: Option<Arc<Lease>>,
     pub reserved: i64,
-    window: Window,
+    window: Arc<Window>,
+    /// `caracal_budget_spent_total` of this budget (resolved once per budget version).
+    spent: prometheus::IntCounter,
 }
 
 /// Everything a request reserved; settle it exactly once (dropping it unsettled settles at
@@ -139,13 +141,24 @@ struct HoldView {
 
 pub struct Budgets {
     pub ledger: Arc<dyn BudgetLedger>,
-    windows: Mutex<HashMap<(BudgetId, i64), Window>>,
+    /// Per budget version: its current calendar window and its spend counter.
+    windows: Mutex<HashMap<(BudgetId, i64), WindowEntry>>,
     leases: Mutex<HashMap<(BudgetId, i64), Arc<Lease>>>,
     grants: Mutex<HashMap<BudgetId, Arc<tokio::sync::Mutex<()>>>>,
     ttl: Duration,
     pub reservations: prometheus::IntCounterVec,
+    /// `reservations{outcome=...}` resolved once (a label lookup hashes and locks).
+    reserved_local: prometheus::IntCounter,
+    reserved_ledger: prometheus::IntCounter,
+    refused: prometheus::IntCounter,
     pub ledger_up: prometheus::IntGauge,
     pub spent_total: prometheus::IntCounterVec,
+}
+
+struct WindowEntry {
+    /// Calendar windows only (rolling ones move with every request).
+    window: Option<Arc<Window>>,
+    spent: prometheus::IntCounter,
 }
 
 fn exhausted(b: &Budget, w: &Window) -> Error {
@@ -193,6 +206,9 @@ impl Budgets {
             leases: Mutex::new(HashMap::new()),
             grants: Mutex::new(HashMap::new()),
             ttl,
+            reserved_local: reservations.with_label_values(&["local"]),
+            reserved_ledger: reservations.with_label_values(&["ledger"]),
+            refused: reservations.with_label_values(&["refused"]),
             reservations,
             ledger_up,
             spent_total,
@@ -235,7 +251,7 @@ impl Budgets {
             let amount = worst_case(b.unit, &r.pricing, &r.facts).map_err(|Unpriced(m)| {
                 Error::new(ErrorCode::PolicyDenied, m).with_details(json!({ "reason": "unpriced", "budget_id": b.id }))
             })?;
-            let window = self.window(&b, now);
+            let (window, spent) = self.window(&b, &tenant, now);
             if !b.hard || amount == 0 {
                 r.holds.push(Hold {
                     budget: b,
@@ -243,6 +259,7 @@ impl Budgets {
                     lease: None,
                     reserved: 0,
                     window,
+                    spent,
                 });
                 continue;
             }
@@ -254,6 +271,7 @@ impl Budgets {
                 lease: Some(lease),
                 reserved: amount,
                 window,
+                spent,
             });
         }
         Ok(Some(r))
@@ -267,8 +285,11 @@ impl Budgets {
             if let Some(l) = lease {
                 match l.take(amount) {
                     Take::Taken => {
-                        let outcome = if round_trip { "ledger" } else { "local" };
-                        self.reservations.with_label_values(&[outcome]).inc();
+                        if round_trip {
+                            self.reserved_ledger.inc();
+                        } else {
+                            self.reserved_local.inc();
+                        }
                         return Ok(l);
                     }
                     Take::NeedCharge(c) => {
@@ -314,7 +335,7 @@ impl Budgets {
                     .await,
             )?;
             let Some(id) = g.lease else {
-                self.reservations.with_label_values(&["refused"]).inc();
+                self.refused.inc();
                 return Err(exhausted(b, w));
             };
             let l = Arc::new(Lease {
@@ -472,28 +493,33 @@ impl Budgets {
             .collect()
     }
 
-    /// The window of `b` now: calendar windows are computed once per window (time-zone
-    /// arithmetic is not free), rolling ones every time.
-    fn window(&self, b: &Budget, now: i64) -> Window {
-        if b.window == caracal_shared::store::admin::WindowKind::Rolling {
-            return window_of(b, now);
-        }
-        if let Some(w) = self
-            .windows
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(b.id, b.version))
-            && now < w.resets_at
-            && now >= w.record
+    /// The window of `b` now, and its spend counter: calendar windows are computed once per
+    /// window (time-zone arithmetic is not free), rolling ones every time.
+    fn window(&self, b: &Budget, tenant: &str, now: i64) -> (Arc<Window>, prometheus::IntCounter) {
+        let key = (b.id, b.version);
+        let spent = {
+            let mut m = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+            let e = m.entry(key).or_insert_with(|| WindowEntry {
+                window: None,
+                spent: self
+                    .spent_total
+                    .with_label_values(&[tenant, &b.name, unit_label(b.unit)]),
+            });
+            if let Some(w) = &e.window
+                && now < w.resets_at
+                && now >= w.record
+            {
+                return (w.clone(), e.spent.clone());
+            }
+            e.spent.clone()
+        };
+        let w = Arc::new(window_of(b, now));
+        if b.window != caracal_shared::store::admin::WindowKind::Rolling
+            && let Some(e) = self.windows.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&key)
         {
-            return w.clone();
+            e.window = Some(w.clone());
         }
-        let w = window_of(b, now);
-        self.windows
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((b.id, b.version), w.clone());
-        w
+        (w, spent)
     }
 }
 
@@ -550,10 +576,7 @@ impl Reservation {
                     let _ = ledger.add_spend(id, &w, charged).await;
                 });
             }
-            self.owner
-                .spent_total
-                .with_label_values(&[&*h.tenant, &h.budget.name, unit_label(h.budget.unit)])
-                .inc_by(charged.max(0) as u64);
+            h.spent.inc_by(charged.max(0) as u64);
             out.push(Settled {
                 budget_id: h.budget.id,
                 unit: h.budget.unit,

@@ -8,6 +8,7 @@
 //! destination passes the egress guard, the decision is audited, then bytes are relayed. The
 //! tunnel closes when idle too long, and is cut when its mandate is revoked or expires.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -109,7 +110,7 @@ async fn read_head(stream: &mut Stream) -> Result<Head, Error> {
                         .find(|h| h.name.eq_ignore_ascii_case(n))
                         .and_then(|h| std::str::from_utf8(h.value).ok())
                 };
-                let secret = get("proxy-authorization").and_then(credential);
+                let secret = get("proxy-authorization").and_then(credential).map(Cow::into_owned);
                 let request_id = get("x-request-id")
                     .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
                     .map(String::from)

@@ -99,18 +99,18 @@ pub struct AuditInfo<'a> {
 }
 
 /// Pull the secret out of `Proxy-Authorization` / `Authorization`: `Basic user:secret` (the
-/// secret is the password) or `Bearer secret`.
-pub fn credential(header: &str) -> Option<String> {
+/// secret is the password) or `Bearer secret` (borrowed from the header: a mandate is ~1.5 KB).
+pub fn credential(header: &str) -> Option<Cow<'_, str>> {
     let (scheme, rest) = header.trim().split_once(' ')?;
     let rest = rest.trim();
     if scheme.eq_ignore_ascii_case("bearer") {
-        return (!rest.is_empty()).then(|| rest.to_string());
+        return (!rest.is_empty()).then_some(Cow::Borrowed(rest));
     }
     if scheme.eq_ignore_ascii_case("basic") {
         let raw = base64::engine::general_purpose::STANDARD.decode(rest).ok()?;
         let s = String::from_utf8(raw).ok()?;
         let (_, pass) = s.split_once(':')?;
-        return (!pass.is_empty()).then(|| pass.to_string());
+        return (!pass.is_empty()).then(|| Cow::Owned(pass.to_string()));
     }
     None
 }
@@ -180,9 +180,14 @@ impl Gateway {
             .with_retry_after(1));
         }
         let c = match (secret, cert) {
-            (Some(secret), _) if mandate::is_mandate(secret) => self.verify_mandate(secret).await?,
+            // The common case answers from the cache without entering an async path; the
+            // others are boxed, so their (large) futures do not weigh on every request's.
+            (Some(secret), _) if mandate::is_mandate(secret) => match self.cached_mandate(secret) {
+                Some(c) => c,
+                None => Box::pin(self.verify_mandate(secret)).await?,
+            },
             (Some(secret), _) if secret.starts_with(caracal_shared::store::agents::API_KEY_PREFIX) => {
-                self.mandate_for_api_key(secret, request_id).await?
+                Box::pin(self.mandate_for_api_key(secret, request_id)).await?
             }
             (Some(_), _) => {
                 return Err(Error::new(
@@ -190,7 +195,7 @@ impl Gateway {
                     "the credential is neither a mandate nor an API key",
                 ));
             }
-            (None, Some(cert)) => self.mandate_for_cert(cert, request_id).await?,
+            (None, Some(cert)) => Box::pin(self.mandate_for_cert(cert, request_id)).await?,
             (None, None) => {
                 return Err(Error::new(
                     ErrorCode::MandateMissing,
@@ -240,8 +245,16 @@ impl Gateway {
         Ok((r, path))
     }
 
-    /// Whether deciding needs the request body (a rule or allowlist looks at model or tool).
-    pub fn needs_body(&self, c: &Cached, r: &ResourceEntry, method: &str) -> bool {
+    /// Whether deciding needs the request body (a rule or allowlist looks at model or tool,
+    /// or one of `budgets`, those the request draws from, counts tokens or money).
+    pub fn needs_body(
+        &self,
+        snap: &crate::state::Snapshot,
+        c: &Cached,
+        r: &ResourceEntry,
+        method: &str,
+        budgets: &[Arc<caracal_shared::store::admin::Budget>],
+    ) -> bool {
         if matches!(method, "GET" | "HEAD" | "DELETE" | "OPTIONS" | "CONNECT") {
             return false;
         }
@@ -249,9 +262,7 @@ impl Gateway {
         if !r.models.is_empty() || c.m.rules_for(r.res.id).any(rule_needs) {
             return true;
         }
-        let snap = self.snapshot();
-        if self
-            .budgets_for(&snap, c, r)
+        if budgets
             .iter()
             .any(|b| b.unit != caracal_shared::store::admin::BudgetUnit::Requests)
         {

@@ -5,6 +5,7 @@
 //! is the egress-checked address; the forwarded path is the one that was authorized; the
 //! caller's authority headers are stripped and the resource's credential is injected.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -139,6 +140,20 @@ fn split_host_port(authority: &str, default_port: u16) -> Result<(String, u16), 
     Ok((host.to_ascii_lowercase(), port))
 }
 
+/// Whether a `Host` value is exactly `host` (followed by `:port` when one is given).
+fn host_is(v: &[u8], host: &str, port: Option<u16>) -> bool {
+    let Some(rest) = v.strip_prefix(host.as_bytes()) else {
+        return false;
+    };
+    match port {
+        None => rest.is_empty(),
+        Some(p) => rest.strip_prefix(b":").is_some_and(|digits| {
+            !digits.starts_with(b"0")
+                && std::str::from_utf8(digits).ok().and_then(|d| d.parse::<u16>().ok()) == Some(p)
+        }),
+    }
+}
+
 /// Header edits applied to the upstream request, whichever way it is sent.
 enum Edit {
     Remove(HeaderName),
@@ -150,15 +165,15 @@ impl Proxy {
         matches!(self.mode, Mode::Forward)
     }
 
-    fn secret(&self, req: &RequestHeader, tunnel: Option<&TunnelCtx>) -> Option<String> {
+    fn secret<'a>(&self, req: &'a RequestHeader, tunnel: Option<&'a TunnelCtx>) -> Option<Cow<'a, str>> {
         let get = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
         match self.mode {
             // Inside an intercepted tunnel the CONNECT's credential applies.
             Mode::Forward => get("proxy-authorization")
                 .and_then(credential)
-                .or_else(|| tunnel.and_then(|t| t.secret.clone())),
+                .or_else(|| tunnel.and_then(|t| t.secret.as_deref().map(Cow::Borrowed))),
             Mode::Sidecar { .. } => get("x-caracal-mandate")
-                .map(|s| s.trim().to_string())
+                .map(|s| Cow::Borrowed(s.trim()))
                 .or_else(|| get("authorization").and_then(credential)),
         }
     }
@@ -290,22 +305,30 @@ impl Proxy {
         }
     }
 
-    /// The decision, reading the body first when a rule needs it. On refusal, what was
-    /// established so far goes with the error (for the audit event).
+    /// Who is asking: the request's mandate or API key (borrowed from its headers), else the
+    /// client certificate the mTLS listener verified.
+    async fn authenticate(
+        &self,
+        session: &Session,
+        tunnel: Option<&TunnelCtx>,
+        request_id: &str,
+    ) -> Result<Arc<crate::state::Cached>, Error> {
+        let secret = self.secret(session.req_header(), tunnel);
+        let cert = crate::mtls::peer_cert_of(session.digest().and_then(|d| d.ssl_digest.as_deref()));
+        self.gw.authenticate(secret.as_deref(), cert.as_deref(), request_id).await
+    }
+
+    /// The decision for an authenticated request, reading the body first when a rule needs
+    /// it. On refusal, what was established so far goes with the error (for the audit event).
     async fn decide(
         &self,
         session: &mut Session,
         t: &Target,
         bound: Option<caracal_shared::ids::ResourceId>,
-        secret: Option<&str>,
+        c: Arc<crate::state::Cached>,
         ctx: &mut Ctx,
     ) -> Result<Decision, (Error, Partial)> {
         let gw = &self.gw;
-        let cert = crate::mtls::peer_cert_of(session.digest().and_then(|d| d.ssl_digest.as_deref()));
-        let c = gw
-            .authenticate(secret, cert.as_deref(), &ctx.request_id)
-            .await
-            .map_err(|e| (e, Partial::default()))?;
         let (r, path) = gw.select(&c, t, bound).map_err(|e| {
             (
                 e,
@@ -325,7 +348,9 @@ impl Proxy {
                 },
             )
         };
-        let body_facts_v = if gw.needs_body(&c, &r, &t.method) {
+        let snap = gw.snapshot();
+        let budgets = gw.budgets_for(&snap, &c, &r);
+        let body_facts_v = if gw.needs_body(&snap, &c, &r, &t.method, &budgets) {
             let max = gw.rt.config.gateway.max_inspect_body;
             let too_big = || {
                 Error::new(
@@ -379,8 +404,6 @@ impl Proxy {
         };
         let addr = gw.resolve(&r, &upstream_host, r.base_port).await.map_err(partial)?;
         // Last step: reserve the worst case on every budget that applies.
-        let snap = gw.snapshot();
-        let budgets = gw.budgets_for(&snap, &c, &r);
         if !budgets.is_empty() {
             let body_len = ctx.body.as_ref().map(|b| b.len()).unwrap_or_else(|| {
                 session
@@ -397,7 +420,7 @@ impl Proxy {
                 .cloned()
                 .unwrap_or_else(|| std::sync::Arc::from(""));
             let rfacts = caracal_shared::metering::RequestFacts {
-                model: body_facts_v.model.clone(),
+                model: body_facts_v.model,
                 max_tokens: body_facts_v.max_tokens,
                 body_len,
             };
@@ -418,45 +441,54 @@ impl Proxy {
         })
     }
 
-    fn edits(&self, d: &Decision, request_id: &str) -> Vec<Edit> {
-        let mut e = vec![
-            Edit::Remove(header::PROXY_AUTHORIZATION),
-            Edit::Remove(HeaderName::from_static("proxy-connection")),
-            Edit::Remove(HeaderName::from_static("x-caracal-mandate")),
-            Edit::Remove(HeaderName::from_static("keep-alive")),
-            Edit::Remove(header::TE),
-            Edit::Remove(header::TRAILER),
-            Edit::Remove(header::UPGRADE),
-        ];
+    /// Whether the request carries exactly one `Host`, already the one to send upstream.
+    fn host_ok<'a>(d: &Decision, mut hosts: impl Iterator<Item = &'a HeaderValue>) -> bool {
+        let default_port = if d.resource.https { 443 } else { 80 };
+        let port = (d.resource.base_port != default_port).then_some(d.resource.base_port);
+        let first = hosts.next();
+        hosts.next().is_none() && first.is_some_and(|h| host_is(h.as_bytes(), &d.upstream_host, port))
+    }
+
+    /// The header edits of the upstream request, handed to `edit` one by one (no list is
+    /// built). `host_ok`: the request's `Host` is already right (see [`Self::host_ok`]).
+    fn edits(&self, d: &Decision, request_id: &str, host_ok: bool, mut edit: impl FnMut(Edit)) {
+        edit(Edit::Remove(header::PROXY_AUTHORIZATION));
+        edit(Edit::Remove(HeaderName::from_static("proxy-connection")));
+        edit(Edit::Remove(HeaderName::from_static("x-caracal-mandate")));
+        edit(Edit::Remove(HeaderName::from_static("keep-alive")));
+        edit(Edit::Remove(header::TE));
+        edit(Edit::Remove(header::TRAILER));
+        edit(Edit::Remove(header::UPGRADE));
         if matches!(self.mode, Mode::Sidecar { .. }) {
-            e.push(Edit::Remove(header::AUTHORIZATION));
+            edit(Edit::Remove(header::AUTHORIZATION));
         }
         if let Injection::Header(name, value) = &d.resource.inject {
-            e.push(Edit::Remove(name.clone()));
-            e.push(Edit::Set(name.clone(), value.clone()));
+            edit(Edit::Remove(name.clone()));
+            edit(Edit::Set(name.clone(), value.clone()));
         }
-        let default_port = if d.resource.https { 443 } else { 80 };
-        let host = if d.resource.base_port == default_port {
-            d.upstream_host.clone()
-        } else {
-            format!("{}:{}", d.upstream_host, d.resource.base_port)
-        };
-        if let Ok(v) = HeaderValue::from_str(&host) {
-            e.push(Edit::Set(header::HOST, v));
+        if !host_ok {
+            let default_port = if d.resource.https { 443 } else { 80 };
+            let port = (d.resource.base_port != default_port).then_some(d.resource.base_port);
+            let value = match port {
+                None => HeaderValue::from_str(&d.upstream_host),
+                Some(p) => HeaderValue::from_str(&format!("{}:{p}", d.upstream_host)),
+            };
+            if let Ok(v) = value {
+                edit(Edit::Set(header::HOST, v));
+            }
         }
         if let Ok(v) = HeaderValue::from_str(request_id) {
-            e.push(Edit::Set(HeaderName::from_static("x-request-id"), v));
+            edit(Edit::Set(HeaderName::from_static("x-request-id"), v));
         }
-        e
     }
 
     fn via(&self, existing: Option<&HeaderValue>) -> HeaderValue {
-        let me = format!("1.1 {}", self.gw.rt.config.gateway.id);
-        let v = match existing.and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {me}"),
-            None => me,
-        };
-        HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("1.1 caracal"))
+        let me = &self.gw.via;
+        match existing.and_then(|v| v.to_str().ok()) {
+            Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", me.to_str().unwrap_or("1.1 caracal")))
+                .unwrap_or_else(|_| me.clone()),
+            None => me.clone(),
+        }
     }
 
     fn forward_target(&self, d: &Decision, query: Option<&str>) -> String {
@@ -489,16 +521,14 @@ impl Proxy {
             .method(req.method.clone())
             .uri(ctx.forward_target.as_str());
         let mut headers = req.headers.clone();
-        for e in self.edits(d, &ctx.request_id) {
-            match e {
-                Edit::Remove(n) => {
-                    headers.remove(n);
-                }
-                Edit::Set(n, v) => {
-                    headers.insert(n, v);
-                }
+        self.edits(d, &ctx.request_id, false, |e| match e {
+            Edit::Remove(n) => {
+                headers.remove(n);
             }
-        }
+            Edit::Set(n, v) => {
+                headers.insert(n, v);
+            }
+        });
         headers.remove(header::CONNECTION);
         headers.insert(header::VIA, self.via(req.headers.get(header::VIA)));
         if let Some(h) = b.headers_mut() {
@@ -647,21 +677,15 @@ impl ProxyHttp for Proxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         ctx.started = Instant::now();
         ctx.request_id = request_id(session.req_header());
-        let rid = ctx.request_id.clone();
         let source = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        let info = AuditInfo {
-            request_id: &rid,
-            source,
-            kind: "http",
-            mode: if self.proxy_auth() { "forward" } else { "sidecar" },
-        };
         let gw = self.gw.clone();
         let tunnel = gw
             .interceptor
             .tunnel_of(session.digest().and_then(|d| d.ssl_digest.as_deref()));
-        let info = AuditInfo {
-            mode: if tunnel.is_some() { "intercept" } else { info.mode },
-            ..info
+        let mode = match (tunnel.is_some(), self.proxy_auth()) {
+            (true, _) => "intercept",
+            (false, true) => "forward",
+            (false, false) => "sidecar",
         };
         let via_loop = session
             .req_header()
@@ -679,14 +703,20 @@ impl ProxyHttp for Proxy {
         } else {
             match self.target(session.req_header(), tunnel.as_deref()) {
                 Err(e) => Err((e, None, Partial::default())),
-                Ok((t, bound)) => {
-                    let secret = self.secret(session.req_header(), tunnel.as_deref());
-                    match self.decide(session, &t, bound, secret.as_deref(), ctx).await {
+                Ok((t, bound)) => match self.authenticate(session, tunnel.as_deref(), &ctx.request_id).await {
+                    Err(e) => Err((e, Some(t), Partial::default())),
+                    Ok(c) => match self.decide(session, &t, bound, c, ctx).await {
                         Ok(d) => Ok((t, d)),
                         Err((e, partial)) => Err((e, Some(t), partial)),
-                    }
-                }
+                    },
+                },
             }
+        };
+        let info = AuditInfo {
+            request_id: &ctx.request_id,
+            source,
+            kind: "http",
+            mode,
         };
         match outcome {
             Ok((t, d)) => {
@@ -776,21 +806,22 @@ impl ProxyHttp for Proxy {
                 "no decision",
             ));
         };
-        let uri: http::Uri = ctx
-            .forward_target
-            .parse()
-            .map_err(|_| pingora::Error::explain(pingora::ErrorType::InternalError, "bad forward path"))?;
-        up.set_uri(uri);
+        // Parses the target into the request's URI too.
         up.set_raw_path(ctx.forward_target.as_bytes())?;
-        for e in self.edits(d, &ctx.request_id) {
-            match e {
-                Edit::Remove(n) => {
-                    up.remove_header(&n);
-                }
-                Edit::Set(n, v) => {
-                    up.insert_header(n, v)?;
+        let host_ok = Self::host_ok(d, up.headers.get_all(header::HOST).iter());
+        let mut failed = None;
+        self.edits(d, &ctx.request_id, host_ok, |e| match e {
+            Edit::Remove(n) => {
+                up.remove_header(&n);
+            }
+            Edit::Set(n, v) => {
+                if let Err(e) = up.insert_header(n, v) {
+                    failed = Some(e);
                 }
             }
+        });
+        if let Some(e) = failed {
+            return Err(e);
         }
         let via = self.via(up.headers.get(header::VIA));
         up.insert_header(header::VIA, via)?;

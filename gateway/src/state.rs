@@ -325,6 +325,8 @@ impl Cached {
 
 pub struct Gateway {
     pub rt: Runtime,
+    /// This gateway's `Via` entry (`1.1 <gateway id>`), built once.
+    pub via: HeaderValue,
     pub snapshot: RwLock<Arc<Snapshot>>,
     keys: RwLock<Arc<HashMap<u32, PublicKey>>>,
     keys_reloaded: std::sync::Mutex<Instant>,
@@ -402,6 +404,8 @@ impl Gateway {
             interceptor: Arc::new(crate::intercept::Interceptor::new(
                 &crate::intercept::CaFile::load_or_create(&crate::intercept::ca_path(&rt.config))?,
             )?),
+            via: HeaderValue::from_str(&format!("1.1 {}", rt.config.gateway.id))
+                .unwrap_or_else(|_| HeaderValue::from_static("1.1 caracal")),
             rt,
         })
     }
@@ -491,14 +495,21 @@ impl Gateway {
     }
 
     /// Verify a mandate (once per token; cached until it expires).
+    /// The verified mandate of `token` if it is cached (counted as a cache hit).
+    pub fn cached_mandate(&self, token: &str) -> Option<Arc<Cached>> {
+        let c = self.mandates.get(&token_key(token))?;
+        if !c.token_matches(token) {
+            return None;
+        }
+        self.metrics.cache_hit.inc();
+        Some(c)
+    }
+
     pub async fn verify_mandate(&self, token: &str) -> Result<Arc<Cached>> {
-        let key = token_key(token);
-        if let Some(c) = self.mandates.get(&key)
-            && c.token_matches(token)
-        {
-            self.metrics.cache_hit.inc();
+        if let Some(c) = self.cached_mandate(token) {
             return Ok(c);
         }
+        let key = token_key(token);
         self.metrics.cache_miss.inc();
         let now = now_secs();
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner()).clone();

@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -114,7 +114,10 @@ fn batch_envelope(items: &[Pending]) -> Envelope {
 pub struct AuditEmitter {
     tx: mpsc::Sender<Pending>,
     depth: IntGauge,
-    events: IntCounterVec,
+    /// `audit_events_total{outcome="queued"}` and `{outcome="refused"}`, resolved once (a
+    /// label lookup hashes and locks; this is on every request's path).
+    queued: IntCounter,
+    refused: IntCounter,
 }
 
 impl AuditEmitter {
@@ -151,9 +154,11 @@ impl AuditEmitter {
         let me = AuditEmitter {
             tx,
             depth: depth.clone(),
-            events: events.clone(),
+            queued: events.with_label_values(&["queued"]),
+            refused: events.with_label_values(&["refused"]),
         };
-        let task = tokio::spawn(publish_loop(bus, auth, rx, depth, events, shutdown));
+        let published = events.with_label_values(&["published"]);
+        let task = tokio::spawn(publish_loop(bus, auth, rx, depth, published, shutdown));
         (me, task)
     }
 
@@ -184,11 +189,11 @@ impl AuditEmitter {
         match self.tx.try_send(p) {
             Ok(()) => {
                 self.depth.inc();
-                self.events.with_label_values(&["queued"]).inc();
+                self.queued.inc();
                 Ok(())
             }
             Err(_) => {
-                self.events.with_label_values(&["refused"]).inc();
+                self.refused.inc();
                 Err(Error::new(
                     ErrorCode::AuditUnavailable,
                     "the audit pipeline cannot accept events; refusing to act unrecorded",
@@ -208,7 +213,7 @@ async fn publish_loop(
     auth: BusAuth,
     mut rx: mpsc::Receiver<Pending>,
     depth: IntGauge,
-    events: IntCounterVec,
+    published: IntCounter,
     shutdown: Shutdown,
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(1024);
@@ -252,7 +257,7 @@ async fn publish_loop(
             }
         }
         depth.sub(n as i64);
-        events.with_label_values(&["published"]).inc_by(n as u64);
+        published.inc_by(n as u64);
     }
 }
 

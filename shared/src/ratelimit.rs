@@ -2,11 +2,10 @@
 //! (source, client) pair so that failed attempts from one source cannot lock out a known
 //! client connecting from elsewhere). Idle buckets are evicted.
 
+use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-
-use moka::sync::Cache;
 
 #[derive(Debug)]
 struct Bucket {
@@ -14,11 +13,29 @@ struct Bucket {
     last: Instant,
 }
 
+/// Most keys kept; past it, idle buckets are dropped (and if none is idle, all of them: a
+/// flood of distinct keys resets the limiter's memory rather than growing it without bound).
+const MAX_KEYS: usize = 1_000_000;
+
 #[derive(Clone)]
 pub struct RateLimiter<K: Hash + Eq + Send + Sync + 'static> {
+    inner: Arc<Inner<K>>,
+}
+
+struct Inner<K> {
     rate: f64,
     burst: f64,
-    buckets: Cache<K, Arc<Mutex<Bucket>>>,
+    /// A bucket idle this long has refilled completely and carries no information.
+    idle: Duration,
+    /// The common case is a read lock and a hash lookup (no allocation, no cache machinery);
+    /// the write lock is taken only to add a key or to drop idle ones.
+    buckets: RwLock<Map<K>>,
+}
+
+struct Map<K> {
+    buckets: HashMap<K, Arc<Mutex<Bucket>>>,
+    /// Size at which idle buckets are next swept (amortised: sweeps happen on insertion only).
+    sweep_at: usize,
 }
 
 impl<K: Hash + Eq + Clone + Send + Sync + 'static> RateLimiter<K> {
@@ -26,22 +43,69 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> RateLimiter<K> {
     pub fn new(rate_per_sec: u32, burst: u32) -> Self {
         let rate = f64::from(rate_per_sec.max(1));
         let burst = f64::from(burst.max(1));
-        // A bucket idle long enough to refill completely carries no information.
         let idle = Duration::from_secs_f64((burst / rate).max(1.0) * 2.0);
         RateLimiter {
-            rate,
-            burst,
-            buckets: Cache::builder().max_capacity(1_000_000).time_to_idle(idle).build(),
+            inner: Arc::new(Inner {
+                rate,
+                burst,
+                idle,
+                buckets: RwLock::new(Map {
+                    buckets: HashMap::new(),
+                    sweep_at: 1024,
+                }),
+            }),
         }
+    }
+
+    fn get(&self, key: &K) -> Option<Arc<Mutex<Bucket>>> {
+        let m = self.inner.buckets.read().unwrap_or_else(|p| p.into_inner());
+        m.buckets.get(key).cloned()
+    }
+
+    fn get_or_insert(&self, key: &K) -> Arc<Mutex<Bucket>> {
+        if let Some(b) = self.get(key) {
+            return b;
+        }
+        let now = Instant::now();
+        let mut m = self.inner.buckets.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = m.buckets.get(key) {
+            return b.clone();
+        }
+        if m.buckets.len() >= m.sweep_at {
+            let idle = self.inner.idle;
+            m.buckets.retain(|_, b| {
+                Arc::strong_count(b) > 1
+                    || now.duration_since(b.lock().unwrap_or_else(|p| p.into_inner()).last) < idle
+            });
+            if m.buckets.len() >= MAX_KEYS {
+                m.buckets.clear();
+            }
+            m.sweep_at = (m.buckets.len() * 2).clamp(1024, MAX_KEYS);
+        }
+        let b = Arc::new(Mutex::new(Bucket {
+            tokens: self.inner.burst,
+            last: now,
+        }));
+        m.buckets.insert(key.clone(), b.clone());
+        b
+    }
+
+    /// How many keys are tracked (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.inner.buckets.read().unwrap_or_else(|p| p.into_inner()).buckets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Whether `key` currently has at least `cost` tokens (nothing is taken).
     pub fn has(&self, key: &K, cost: f64) -> bool {
-        match self.buckets.get(key) {
+        match self.get(key) {
             None => true,
             Some(b) => {
                 let b = b.lock().unwrap_or_else(|p| p.into_inner());
-                let refilled = (b.tokens + b.last.elapsed().as_secs_f64() * self.rate).min(self.burst);
+                let refilled = (b.tokens + b.last.elapsed().as_secs_f64() * self.inner.rate).min(self.inner.burst);
                 refilled >= cost
             }
         }
@@ -49,22 +113,18 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> RateLimiter<K> {
 
     /// Take `cost` tokens for `key`. `Err(retry_after_secs)` when the bucket is empty.
     pub fn check(&self, key: &K, cost: f64) -> Result<(), u64> {
-        let b = self.buckets.get_with_by_ref(key, || {
-            Arc::new(Mutex::new(Bucket {
-                tokens: self.burst,
-                last: Instant::now(),
-            }))
-        });
+        let b = self.get_or_insert(key);
+        let (rate, burst) = (self.inner.rate, self.inner.burst);
         let mut b = b.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let elapsed = now.duration_since(b.last).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * self.rate).min(self.burst);
+        b.tokens = (b.tokens + elapsed * rate).min(burst);
         b.last = now;
         if b.tokens >= cost {
             b.tokens -= cost;
             Ok(())
         } else {
-            let wait = (cost - b.tokens) / self.rate;
+            let wait = (cost - b.tokens) / rate;
             Err(wait.ceil().max(1.0) as u64)
         }
     }
@@ -82,5 +142,35 @@ mod tests {
         }
         assert!(matches!(l.check(&"a", 1.0), Err(s) if s >= 1));
         l.check(&"b", 1.0).unwrap();
+    }
+
+    #[test]
+    fn idle_buckets_are_swept_when_the_map_grows_and_busy_ones_are_kept() {
+        // 1 token/s, burst 1: an empty bucket refills in 1 s; a bucket is idle after 2 s.
+        let l = RateLimiter::new(1, 1);
+        l.check(&0u32, 1.0).unwrap();
+        assert!(l.check(&0u32, 1.0).is_err(), "the bucket of key 0 is empty");
+        for k in 1..1024u32 {
+            l.check(&k, 1.0).unwrap();
+        }
+        assert_eq!(l.len(), 1024);
+        // Nothing is idle yet: the sweep at 1024 keeps every bucket (key 0 stays limited).
+        l.check(&5000, 1.0).unwrap();
+        assert_eq!(l.len(), 1025);
+        assert!(l.check(&0u32, 1.0).is_err(), "a sweep must not forget a busy bucket");
+        // Once idle, the next sweep drops them.
+        let l = RateLimiter::new(1, 1);
+        {
+            let mut m = l.inner.buckets.write().unwrap();
+            m.sweep_at = 4;
+        }
+        for k in 0..4u32 {
+            l.check(&k, 1.0).unwrap();
+        }
+        for b in l.inner.buckets.read().unwrap().buckets.values() {
+            b.lock().unwrap().last -= Duration::from_secs(5);
+        }
+        l.check(&99, 1.0).unwrap();
+        assert_eq!(l.len(), 1, "idle buckets were swept, the new key kept");
     }
 }
