@@ -148,10 +148,45 @@ fn host_is(v: &[u8], host: &str, port: Option<u16>) -> bool {
     match port {
         None => rest.is_empty(),
         Some(p) => rest.strip_prefix(b":").is_some_and(|digits| {
-            !digits.starts_with(b"0")
-                && std::str::from_utf8(digits).ok().and_then(|d| d.parse::<u16>().ok()) == Some(p)
+            !digits.starts_with(b"0") && std::str::from_utf8(digits).ok().and_then(|d| d.parse::<u16>().ok()) == Some(p)
         }),
     }
+}
+
+/// The path and query sent upstream: the sidecar's base path, the authorized path re-encoded,
+/// the client's parameters minus any that would shadow an injected credential, then that
+/// credential.
+fn forward_target(base: Option<&str>, path: &str, query: Option<&str>, injected: Option<(&str, &str)>) -> String {
+    let mut out = String::with_capacity(
+        base.map_or(0, str::len)
+            + path.len()
+            + query.map_or(0, str::len)
+            + injected.map_or(0, |(n, v)| n.len() + v.len() + 2)
+            + 8,
+    );
+    if let Some(b) = base {
+        out.push_str(b);
+    }
+    caracal_shared::reqpath::encode_path_into(path, &mut out);
+    let mut sep = '?';
+    for p in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        if let Some((name, _)) = injected
+            && p.strip_prefix(name)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('='))
+        {
+            continue;
+        }
+        out.push(sep);
+        out.push_str(p);
+        sep = '&';
+    }
+    if let Some((name, value)) = injected {
+        out.push(sep);
+        out.push_str(name);
+        out.push('=');
+        out.push_str(value);
+    }
+    out
 }
 
 /// Header edits applied to the upstream request, whichever way it is sent.
@@ -315,7 +350,9 @@ impl Proxy {
     ) -> Result<Arc<crate::state::Cached>, Error> {
         let secret = self.secret(session.req_header(), tunnel);
         let cert = crate::mtls::peer_cert_of(session.digest().and_then(|d| d.ssl_digest.as_deref()));
-        self.gw.authenticate(secret.as_deref(), cert.as_deref(), request_id).await
+        self.gw
+            .authenticate(secret.as_deref(), cert.as_deref(), request_id)
+            .await
     }
 
     /// The decision for an authenticated request, reading the body first when a rule needs
@@ -492,24 +529,12 @@ impl Proxy {
     }
 
     fn forward_target(&self, d: &Decision, query: Option<&str>) -> String {
-        let mut out = String::new();
-        if matches!(self.mode, Mode::Sidecar { .. }) {
-            out.push_str(&d.resource.base_path);
-        }
-        out.push_str(&caracal_shared::reqpath::encode_path(&d.path));
-        let mut q: Vec<String> = query
-            .map(|q| q.split('&').filter(|p| !p.is_empty()).map(String::from).collect())
-            .unwrap_or_default();
-        if let Injection::Query(name, value) = &d.resource.inject {
-            let prefix = format!("{name}=");
-            q.retain(|p| p != name && !p.starts_with(&prefix));
-            q.push(format!("{name}={value}"));
-        }
-        if !q.is_empty() {
-            out.push('?');
-            out.push_str(&q.join("&"));
-        }
-        out
+        let base = matches!(self.mode, Mode::Sidecar { .. }).then_some(d.resource.base_path.as_str());
+        let injected = match &d.resource.inject {
+            Injection::Query(name, value) => Some((name.as_str(), value.as_str())),
+            _ => None,
+        };
+        forward_target(base, &d.path, query, injected)
     }
 
     /// Send a request whose (large) body was read to decide, with the gateway's forwarder, and
@@ -925,6 +950,41 @@ impl ProxyHttp for Proxy {
         FailToProxy {
             error_code: err.status().as_u16(),
             can_reuse_downstream: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_targets_keep_parameters_and_let_no_client_parameter_shadow_the_credential() {
+        assert_eq!(forward_target(None, "/v1/models", None, None), "/v1/models");
+        assert_eq!(forward_target(None, "/v1/a b", Some("x=1&&y"), None), "/v1/a%20b?x=1&y");
+        assert_eq!(forward_target(Some("/base"), "/v1", Some(""), None), "/base/v1");
+        let key = Some(("key", "s3cret"));
+        assert_eq!(forward_target(None, "/v1", None, key), "/v1?key=s3cret");
+        assert_eq!(
+            forward_target(None, "/v1", Some("key=mine&keys=2&key&q=key"), key),
+            "/v1?keys=2&q=key&key=s3cret"
+        );
+    }
+
+    #[test]
+    fn host_values_match_exactly() {
+        assert!(host_is(b"api.test", "api.test", None));
+        assert!(!host_is(b"api.test:80", "api.test", None));
+        assert!(host_is(b"api.test:8080", "api.test", Some(8080)));
+        for v in [
+            &b"api.test"[..],
+            b"api.test:08080",
+            b"api.test:8081",
+            b"api.test:",
+            b"api.testx:8080",
+            b"api.test:8080x",
+        ] {
+            assert!(!host_is(v, "api.test", Some(8080)), "{:?}", String::from_utf8_lossy(v));
         }
     }
 }

@@ -19,6 +19,8 @@ macro_rules! typed_id {
         #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub struct $name(Uuid);
 
+        const _: () = assert!($prefix.len() <= 8, "id prefixes are at most 8 bytes");
+
         impl $name {
             pub const PREFIX: &'static str = $prefix;
 
@@ -32,6 +34,11 @@ macro_rules! typed_id {
 
             pub fn uuid(&self) -> Uuid {
                 self.0
+            }
+
+            /// The text form (`<prefix>_<32 hex>`) written into `buf`, without allocating.
+            pub fn encode<'b>(&self, buf: &'b mut [u8; ID_TEXT_MAX]) -> &'b str {
+                encode_prefixed($prefix, &self.0, buf)
             }
 
             pub fn parse(s: &str) -> Result<Self, Error> {
@@ -52,7 +59,7 @@ macro_rules! typed_id {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}_{}", $prefix, self.0.simple())
+                f.write_str(self.encode(&mut [0; ID_TEXT_MAX]))
             }
         }
 
@@ -71,7 +78,7 @@ macro_rules! typed_id {
 
         impl Serialize for $name {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_str(self)
+                s.serialize_str(self.encode(&mut [0; ID_TEXT_MAX]))
             }
         }
 
@@ -82,6 +89,18 @@ macro_rules! typed_id {
             }
         }
     };
+}
+
+/// Longest text form of an id: a prefix of at most 8 bytes, `_`, 32 hex digits.
+pub const ID_TEXT_MAX: usize = 8 + 1 + 32;
+
+fn encode_prefixed<'b>(prefix: &str, u: &Uuid, buf: &'b mut [u8; ID_TEXT_MAX]) -> &'b str {
+    let p = prefix.len().min(8);
+    buf[..p].copy_from_slice(&prefix.as_bytes()[..p]);
+    buf[p] = b'_';
+    u.simple().encode_lower(&mut buf[p + 1..p + 33]);
+    // ASCII throughout (a prefix literal and hex digits).
+    std::str::from_utf8(&buf[..p + 33]).unwrap_or("")
 }
 
 fn parse_prefixed(s: &str, prefix: &str) -> Option<Uuid> {
@@ -146,7 +165,10 @@ mod tests {
         assert!(AgentId::parse("agt_").is_err());
         assert!(AgentId::parse(&s.to_uppercase()).is_err());
         assert!(AgentId::parse(&format!("{s}0")).is_err());
+        assert_eq!(s, format!("agt_{}", a.uuid().simple()));
         let json = serde_json::to_string(&a).unwrap();
+        assert_eq!(json, format!("\"{s}\""));
+        assert_eq!(format!("{a:?}"), s);
         assert_eq!(serde_json::from_str::<AgentId>(&json).unwrap(), a);
     }
 

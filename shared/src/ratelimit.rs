@@ -74,8 +74,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> RateLimiter<K> {
         if m.buckets.len() >= m.sweep_at {
             let idle = self.inner.idle;
             m.buckets.retain(|_, b| {
-                Arc::strong_count(b) > 1
-                    || now.duration_since(b.lock().unwrap_or_else(|p| p.into_inner()).last) < idle
+                Arc::strong_count(b) > 1 || now.duration_since(b.lock().unwrap_or_else(|p| p.into_inner()).last) < idle
             });
             if m.buckets.len() >= MAX_KEYS {
                 m.buckets.clear();
@@ -92,7 +91,12 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> RateLimiter<K> {
 
     /// How many keys are tracked (for tests and metrics).
     pub fn len(&self) -> usize {
-        self.inner.buckets.read().unwrap_or_else(|p| p.into_inner()).buckets.len()
+        self.inner
+            .buckets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .buckets
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -139,36 +139,27 @@ fn normalize_slow(raw: &str) -> Result<String, PathError> {
 /// sub-delimiter set (and `%` itself) is encoded, so the upstream's single decode yields the
 /// authorized path.
 pub fn encode_path(path: &str) -> String {
-    if path.bytes().all(is_plain) {
-        return path.to_string();
-    }
     let mut out = String::with_capacity(path.len() + 8);
+    encode_path_into(path, &mut out);
+    out
+}
+
+/// [`encode_path`], appended to `out`.
+pub fn encode_path_into(path: &str, out: &mut String) {
+    if path.bytes().all(is_plain) {
+        out.push_str(path);
+        return;
+    }
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in path.bytes() {
-        match b {
-            b'A'..=b'Z'
-            | b'a'..=b'z'
-            | b'0'..=b'9'
-            | b'-'
-            | b'.'
-            | b'_'
-            | b'~'
-            | b'/'
-            | b'!'
-            | b'$'
-            | b'&'
-            | b'\''
-            | b'('
-            | b')'
-            | b'*'
-            | b'+'
-            | b','
-            | b'='
-            | b':'
-            | b'@' => out.push(b as char),
-            _ => out.push_str(&format!("%{b:02X}")),
+        if is_plain(b) {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 15)] as char);
         }
     }
-    out
 }
 
 #[cfg(test)]
