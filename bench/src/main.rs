@@ -282,6 +282,15 @@ impl System {
     async fn stop(mut self) {
         self.sd.trigger();
         tokio::time::sleep(Duration::from_millis(200)).await;
+        // The audit stream of a run holds gigabytes of events nobody consumes: give the
+        // shared Redis its memory back.
+        let bus = &self.rt.config.bus;
+        if bus.backend == BusBackend::Redis
+            && let Ok(r) = caracal_shared::bus::redis::RedisBus::connect(&bus.redis_url, &bus.redis_prefix).await
+            && let Err(e) = r.drop_prefix().await
+        {
+            eprintln!("could not drop the run's Redis keys: {e}");
+        }
         self.rt.store.close().await;
         if let Some(db) = self.db.take() {
             db.cleanup().await;

@@ -32,13 +32,14 @@ const LINGER: Duration = Duration::from_millis(2);
 /// Kind of a bus message that carries several audit events.
 pub const BATCH_KIND: &str = "audit.batch";
 
-/// One queued event: its JSON body already serialised.
+/// One queued event: its JSON body already serialised (UTF-8 JSON text; checked once per
+/// batch by the publisher, off the caller's path).
 struct Pending {
     id: EventId,
-    kind: String,
+    kind: &'static str,
     tenant: Option<TenantId>,
     ts: Micros,
-    body: String,
+    body: Vec<u8>,
 }
 
 #[derive(serde::Deserialize)]
@@ -85,28 +86,31 @@ pub fn expand(ev: Event) -> Vec<Event> {
 }
 
 fn batch_envelope(items: &[Pending]) -> Envelope {
-    let mut body = String::with_capacity(items.iter().map(|p| p.body.len() + 128).sum::<usize>() + 16);
-    body.push_str("{\"events\":[");
+    use std::io::Write as _;
+    let mut body: Vec<u8> = Vec::with_capacity(items.iter().map(|p| p.body.len() + 128).sum::<usize>() + 16);
+    let mut id = [0u8; crate::ids::ID_TEXT_MAX];
+    body.extend_from_slice(b"{\"events\":[");
     for (i, p) in items.iter().enumerate() {
         if i > 0 {
-            body.push(',');
+            body.push(b',');
         }
-        body.push_str("{\"id\":\"");
-        body.push_str(&p.id.to_string());
-        body.push_str("\",\"kind\":");
-        body.push_str(&serde_json::to_string(&p.kind).unwrap_or_else(|_| "\"\"".into()));
+        body.extend_from_slice(b"{\"id\":\"");
+        body.extend_from_slice(p.id.encode(&mut id).as_bytes());
+        body.extend_from_slice(b"\",\"kind\":");
+        let _ = serde_json::to_writer(&mut body, p.kind);
         if let Some(t) = p.tenant {
-            body.push_str(",\"tenant\":\"");
-            body.push_str(&t.to_string());
-            body.push('"');
+            body.extend_from_slice(b",\"tenant\":\"");
+            body.extend_from_slice(t.encode(&mut id).as_bytes());
+            body.push(b'"');
         }
-        body.push_str(",\"ts\":");
-        body.push_str(&p.ts.to_string());
-        body.push_str(",\"body\":");
-        body.push_str(&p.body);
-        body.push('}');
+        let _ = write!(body, ",\"ts\":{},\"body\":", p.ts);
+        body.extend_from_slice(&p.body);
+        body.push(b'}');
     }
-    body.push_str("]}");
+    body.extend_from_slice(b"]}");
+    // Bodies are serde_json output or `String`s, so this is UTF-8; were it not, the invalid
+    // bytes would become U+FFFD inside their JSON strings (the batch stays one JSON value).
+    let body = String::from_utf8(body).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
     Envelope::with_body(streams::AUDIT, BATCH_KIND, None, body)
 }
 
@@ -163,25 +167,33 @@ impl AuditEmitter {
     }
 
     /// Queue one event. Fails (callers must refuse the action) when the queue is full.
-    pub fn emit(&self, kind: &str, tenant: Option<TenantId>, body: &Value) -> Result<()> {
+    pub fn emit(&self, kind: &'static str, tenant: Option<TenantId>, body: &Value) -> Result<()> {
         self.emit_json(kind, tenant, body.to_string())
     }
 
     /// Queue one event serialised from `record` (one buffer, sized for a typical event: the
     /// gateway emits one or two of these per request).
-    pub fn emit_record<T: serde::Serialize>(&self, kind: &str, tenant: Option<TenantId>, record: &T) -> Result<()> {
+    pub fn emit_record<T: serde::Serialize>(
+        &self,
+        kind: &'static str,
+        tenant: Option<TenantId>,
+        record: &T,
+    ) -> Result<()> {
         let mut buf = Vec::with_capacity(768);
         serde_json::to_writer(&mut buf, record).map_err(|e| Error::internal(e.to_string()))?;
-        let body = String::from_utf8(buf).map_err(|e| Error::internal(e.to_string()))?;
-        self.emit_json(kind, tenant, body)
+        self.queue(kind, tenant, buf)
     }
 
     /// Queue one event whose body is already JSON text (the caller serialised it, e.g. from a
     /// struct, without building a `Value`). The text must be one JSON value.
-    pub fn emit_json(&self, kind: &str, tenant: Option<TenantId>, body: String) -> Result<()> {
+    pub fn emit_json(&self, kind: &'static str, tenant: Option<TenantId>, body: String) -> Result<()> {
+        self.queue(kind, tenant, body.into_bytes())
+    }
+
+    fn queue(&self, kind: &'static str, tenant: Option<TenantId>, body: Vec<u8>) -> Result<()> {
         let p = Pending {
             id: EventId::new(),
-            kind: kind.to_string(),
+            kind,
             tenant,
             ts: now_micros(),
             body,
@@ -271,17 +283,17 @@ mod tests {
         let items = vec![
             Pending {
                 id: EventId::new(),
-                kind: "decision".into(),
+                kind: "decision",
                 tenant: Some(t),
                 ts: 5,
-                body: r#"{"a":1}"#.into(),
+                body: br#"{"a":1}"#.to_vec(),
             },
             Pending {
                 id: EventId::new(),
-                kind: "mint \"x\"".into(),
+                kind: "mint \"x\"",
                 tenant: None,
                 ts: 6,
-                body: "[1,2]".into(),
+                body: b"[1,2]".to_vec(),
             },
         ];
         let env = batch_envelope(&items);

@@ -579,3 +579,34 @@ async fn transient_failures_are_retried_never_dead_lettered(env: &BusEnv) {
     task.await.unwrap();
     assert_eq!(metrics.rejected.with_label_values(&["work", "dead_letter"]).get(), 0);
 }
+
+/// `RedisBus::drop_prefix` (benchmarks give a shared Redis its memory back): it deletes the
+/// keys under its own prefix only, even when the prefix holds glob characters.
+#[tokio::test]
+async fn redis_drop_prefix_deletes_its_own_keys_only() {
+    use caracal_shared::bus::Bus;
+    use caracal_shared::bus::redis::RedisBus;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let connect = |p: String| async move { RedisBus::connect(&caracal_shared::testing::redis_url(), &p).await };
+    let a = connect(format!("caracal_test_drop_{run}_a:")).await.unwrap();
+    if let Err(e) = a.ping().await {
+        caracal_shared::testing::unavailable("Redis", &e.to_string());
+        return;
+    }
+    let b = connect(format!("caracal_test_drop_{run}_b:")).await.unwrap();
+    // As a glob, `[a]` would match `a`: the pattern must be escaped.
+    let glob = connect(format!("caracal_test_drop_{run}_[a]:")).await.unwrap();
+    for (bus, streams) in [(&a, &["s1", "s2"][..]), (&b, &["s1"][..]), (&glob, &["s1"][..])] {
+        for s in streams {
+            bus.publish(s, payload(1)).await.unwrap();
+        }
+    }
+    assert_eq!(glob.drop_prefix().await.unwrap(), 1);
+    assert_eq!(
+        a.drop_prefix().await.unwrap(),
+        2,
+        "the glob-like prefix left a's keys alone"
+    );
+    assert_eq!(a.drop_prefix().await.unwrap(), 0);
+    assert_eq!(b.drop_prefix().await.unwrap(), 1, "dropping a left b's keys alone");
+}

@@ -69,6 +69,31 @@ impl RedisBus {
         })
     }
 
+    /// Delete every key under this bus's prefix (streams, groups, budget ledgers): for tests
+    /// and benchmarks that fill a shared Redis under a prefix of their own. Returns how many
+    /// keys were deleted.
+    pub async fn drop_prefix(&self) -> Result<u64> {
+        let mut pattern = String::with_capacity(self.prefix.len() + 1);
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('*');
+        let keys = self.run(self.client(), "KEYS", false, vec![pattern.into()]).await?;
+        let keys: Vec<Value> = match keys {
+            Value::Array(v) => v,
+            _ => Vec::new(),
+        };
+        let mut dropped = 0;
+        for chunk in keys.chunks(512) {
+            let n = self.run(self.client(), "UNLINK", false, chunk.to_vec()).await?;
+            dropped += n.as_u64().unwrap_or(0);
+        }
+        Ok(dropped)
+    }
+
     fn key(&self, stream: &str) -> String {
         format!("{}{stream}", self.prefix)
     }
