@@ -643,35 +643,36 @@ impl Proxy {
             let c = &d.mandate.m.claims;
             let ev = SettlementRecord {
                 kind_of: "budget_settlement",
-                request_id: &ctx.request_id,
+                request_id: ctx.request_id.clone(),
                 agent: c.agent,
                 mandate_id: c.mandate_id,
                 resource: d.resource.res.id,
-                model: &model,
+                model,
                 usage,
                 cut_short: cut_short.is_some(),
-                settled: &settled,
+                settled,
             };
-            if let Err(e) = self.gw.audit.emit_record("metering", Some(c.tenant), &ev) {
+            // Serialised by the audit publisher, not on this (the request's) thread.
+            if let Err(e) = self.gw.audit.emit_deferred("metering", Some(c.tenant), ev) {
                 tracing::warn!(error = %e, request_id = %ctx.request_id, "a budget settlement could not be recorded");
             }
         }
     }
 }
 
-/// The metering event of one settled request.
+/// The metering event of one settled request (owned: the audit publisher serialises it).
 #[derive(serde::Serialize)]
-struct SettlementRecord<'a> {
+struct SettlementRecord {
     #[serde(rename = "type")]
     kind_of: &'static str,
-    request_id: &'a str,
+    request_id: String,
     agent: caracal_shared::ids::AgentId,
     mandate_id: caracal_shared::ids::MandateId,
     resource: caracal_shared::ids::ResourceId,
-    model: &'a str,
+    model: String,
     usage: Option<caracal_shared::metering::Usage>,
     cut_short: bool,
-    settled: &'a [crate::budget::Settled],
+    settled: Vec<crate::budget::Settled>,
 }
 
 /// What was established before a refusal.

@@ -39,7 +39,25 @@ struct Pending {
     kind: &'static str,
     tenant: Option<TenantId>,
     ts: Micros,
-    body: Vec<u8>,
+    body: Body,
+}
+
+/// What a queued event carries: JSON text, or a record the publisher serialises (so the
+/// emitting thread — the gateway's request path — does not).
+enum Body {
+    Json(Vec<u8>),
+    Deferred(Box<dyn Deferred>),
+}
+
+/// A record serialised by the publisher ([`AuditEmitter::emit_deferred`]).
+trait Deferred: Send {
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()>;
+}
+
+impl<T: serde::Serialize + Send> Deferred for T {
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        serde_json::to_writer(out, self)
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -87,7 +105,16 @@ pub fn expand(ev: Event) -> Vec<Event> {
 
 fn batch_envelope(items: &[Pending]) -> Envelope {
     use std::io::Write as _;
-    let mut body: Vec<u8> = Vec::with_capacity(items.iter().map(|p| p.body.len() + 128).sum::<usize>() + 16);
+    let mut body: Vec<u8> = Vec::with_capacity(
+        items
+            .iter()
+            .map(|p| match &p.body {
+                Body::Json(b) => b.len() + 128,
+                Body::Deferred(_) => 512,
+            })
+            .sum::<usize>()
+            + 16,
+    );
     let mut id = [0u8; crate::ids::ID_TEXT_MAX];
     body.extend_from_slice(b"{\"events\":[");
     for (i, p) in items.iter().enumerate() {
@@ -104,7 +131,19 @@ fn batch_envelope(items: &[Pending]) -> Envelope {
             body.push(b'"');
         }
         let _ = write!(body, ",\"ts\":{},\"body\":", p.ts);
-        body.extend_from_slice(&p.body);
+        match &p.body {
+            Body::Json(b) => body.extend_from_slice(b),
+            Body::Deferred(r) => {
+                let at = body.len();
+                if let Err(e) = r.write_json(&mut body) {
+                    // Plain data structs do not fail to serialise; were one to, the event still
+                    // stands (id, kind, time) and says why its content is missing.
+                    body.truncate(at);
+                    tracing::error!(event = %p.id, kind = p.kind, error = %e, "an audit record could not be serialised");
+                    body.extend_from_slice(br#"{"error":"the record could not be serialised"}"#);
+                }
+            }
+        }
         body.push(b'}');
     }
     body.extend_from_slice(b"]}");
@@ -181,16 +220,27 @@ impl AuditEmitter {
     ) -> Result<()> {
         let mut buf = Vec::with_capacity(768);
         serde_json::to_writer(&mut buf, record).map_err(|e| Error::internal(e.to_string()))?;
-        self.queue(kind, tenant, buf)
+        self.queue(kind, tenant, Body::Json(buf))
+    }
+
+    /// Queue one event whose record the publisher serialises, off the caller's thread (for
+    /// records that own their data; the gateway's per-request settlement events).
+    pub fn emit_deferred<T: serde::Serialize + Send + 'static>(
+        &self,
+        kind: &'static str,
+        tenant: Option<TenantId>,
+        record: T,
+    ) -> Result<()> {
+        self.queue(kind, tenant, Body::Deferred(Box::new(record)))
     }
 
     /// Queue one event whose body is already JSON text (the caller serialised it, e.g. from a
     /// struct, without building a `Value`). The text must be one JSON value.
     pub fn emit_json(&self, kind: &'static str, tenant: Option<TenantId>, body: String) -> Result<()> {
-        self.queue(kind, tenant, body.into_bytes())
+        self.queue(kind, tenant, Body::Json(body.into_bytes()))
     }
 
-    fn queue(&self, kind: &'static str, tenant: Option<TenantId>, body: Vec<u8>) -> Result<()> {
+    fn queue(&self, kind: &'static str, tenant: Option<TenantId>, body: Body) -> Result<()> {
         let p = Pending {
             id: EventId::new(),
             kind,
@@ -286,14 +336,21 @@ mod tests {
                 kind: "decision",
                 tenant: Some(t),
                 ts: 5,
-                body: br#"{"a":1}"#.to_vec(),
+                body: Body::Json(br#"{"a":1}"#.to_vec()),
             },
             Pending {
                 id: EventId::new(),
                 kind: "mint \"x\"",
                 tenant: None,
                 ts: 6,
-                body: b"[1,2]".to_vec(),
+                body: Body::Json(b"[1,2]".to_vec()),
+            },
+            Pending {
+                id: EventId::new(),
+                kind: "metering",
+                tenant: Some(t),
+                ts: 7,
+                body: Body::Deferred(Box::new(serde_json::json!({"settled": [1, "x\"y"]}))),
             },
         ];
         let env = batch_envelope(&items);
@@ -309,7 +366,7 @@ mod tests {
             deliveries: 1,
         };
         let out = expand(ev);
-        assert_eq!(out.len(), 2);
+        assert_eq!(out.len(), 3);
         assert_eq!(out[0].id, items[0].id);
         assert_eq!(
             (out[0].kind.as_str(), out[0].tenant, out[0].ts),
@@ -318,6 +375,8 @@ mod tests {
         assert_eq!(out[0].body, serde_json::json!({"a": 1}));
         assert_eq!((out[1].kind.as_str(), out[1].tenant), ("mint \"x\"", None));
         assert_eq!(out[1].body, serde_json::json!([1, 2]));
+        assert_eq!((out[2].kind.as_str(), out[2].ts), ("metering", 7));
+        assert_eq!(out[2].body, serde_json::json!({"settled": [1, "x\"y"]}));
         assert!(out.iter().all(|e| e.entry_id == "1-0"));
     }
 }
