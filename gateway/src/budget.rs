@@ -77,8 +77,6 @@ impl Lease {
 /// A request's hold on one budget.
 pub struct Hold {
     pub budget: Arc<Budget>,
-    /// The tenant's name (metric labels use names, never ids).
-    pub tenant: Arc<str>,
     lease: Option<Arc<Lease>>,
     pub reserved: i64,
     window: Arc<Window>,
@@ -232,7 +230,7 @@ impl Budgets {
     pub async fn reserve(
         self: &Arc<Self>,
         budgets: Vec<Arc<Budget>>,
-        tenant: Arc<str>,
+        tenant: &str,
         pricing: Arc<Pricing>,
         facts: RequestFacts,
     ) -> Result<Option<Reservation>> {
@@ -251,11 +249,10 @@ impl Budgets {
             let amount = worst_case(b.unit, &r.pricing, &r.facts).map_err(|Unpriced(m)| {
                 Error::new(ErrorCode::PolicyDenied, m).with_details(json!({ "reason": "unpriced", "budget_id": b.id }))
             })?;
-            let (window, spent) = self.window(&b, &tenant, now);
+            let (window, spent) = self.window(&b, tenant, now);
             if !b.hard || amount == 0 {
                 r.holds.push(Hold {
                     budget: b,
-                    tenant: tenant.clone(),
                     lease: None,
                     reserved: 0,
                     window,
@@ -267,7 +264,6 @@ impl Budgets {
             let lease = self.take(&b, &window, amount).await.inspect_err(|_| r.abort())?;
             r.holds.push(Hold {
                 budget: b,
-                tenant: tenant.clone(),
                 lease: Some(lease),
                 reserved: amount,
                 window,

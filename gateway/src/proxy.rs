@@ -451,11 +451,8 @@ impl Proxy {
                     .and_then(|v| v.parse::<usize>().ok())
                     .unwrap_or(0)
             });
-            let tenant = snap
-                .tenant_names
-                .get(&c.m.claims.tenant)
-                .cloned()
-                .unwrap_or_else(|| std::sync::Arc::from(""));
+            // The tenant's name labels the budget's spend metric (names, never ids).
+            let tenant = snap.tenant_names.get(&c.m.claims.tenant).map_or("", |t| &**t);
             let rfacts = caracal_shared::metering::RequestFacts {
                 model: body_facts_v.model,
                 max_tokens: body_facts_v.max_tokens,
