@@ -153,6 +153,13 @@ fn host_is(v: &[u8], host: &str, port: Option<u16>) -> bool {
     }
 }
 
+/// Whether `hosts` (a request's `Host` values) is exactly one value, and that one is `host`
+/// (with `:port` when one is given): a second `Host` must never survive the rewrite.
+fn only_host_is<'a>(hosts: &mut impl Iterator<Item = &'a HeaderValue>, host: &str, port: Option<u16>) -> bool {
+    let first = hosts.next();
+    hosts.next().is_none() && first.is_some_and(|h| host_is(h.as_bytes(), host, port))
+}
+
 /// The path and query sent upstream: the sidecar's base path, the authorized path re-encoded,
 /// the client's parameters minus any that would shadow an injected credential, then that
 /// credential.
@@ -479,8 +486,7 @@ impl Proxy {
     fn host_ok<'a>(d: &Decision, mut hosts: impl Iterator<Item = &'a HeaderValue>) -> bool {
         let default_port = if d.resource.https { 443 } else { 80 };
         let port = (d.resource.base_port != default_port).then_some(d.resource.base_port);
-        let first = hosts.next();
-        hosts.next().is_none() && first.is_some_and(|h| host_is(h.as_bytes(), &d.upstream_host, port))
+        only_host_is(&mut hosts, &d.upstream_host, port)
     }
 
     /// The header edits of the upstream request, handed to `edit` one by one (no list is
@@ -984,5 +990,17 @@ mod tests {
         ] {
             assert!(!host_is(v, "api.test", Some(8080)), "{:?}", String::from_utf8_lossy(v));
         }
+        let v = |s: &'static str| HeaderValue::from_static(s);
+        let right = [v("api.test:8080")];
+        assert!(only_host_is(&mut right.iter(), "api.test", Some(8080)));
+        assert!(
+            !only_host_is(&mut [].iter(), "api.test", Some(8080)),
+            "no Host: set one"
+        );
+        let two = [v("api.test:8080"), v("evil.test")];
+        assert!(
+            !only_host_is(&mut two.iter(), "api.test", Some(8080)),
+            "a second Host is replaced"
+        );
     }
 }

@@ -89,18 +89,14 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> RateLimiter<K> {
         b
     }
 
-    /// How many keys are tracked (for tests and metrics).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.inner
             .buckets
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .buckets
             .len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Whether `key` currently has at least `cost` tokens (nothing is taken).
