@@ -151,6 +151,8 @@ async fn setup(b: Backend, limit: i64, tweak: impl FnOnce(&mut caracal_shared::c
         calls,
         budget,
     };
+    // Until the gateway knows the budget too (it may learn the resource first), a probe passes
+    // unbudgeted; the first budgeted one takes a lease. Exactly one probe is charged.
     assert!(
         eventually(Duration::from_secs(10), || async {
             probe
@@ -158,9 +160,10 @@ async fn setup(b: Backend, limit: i64, tweak: impl FnOnce(&mut caracal_shared::c
                 .await
                 .0
                 == 200
+                && probe.usage().await["leases"].as_i64().unwrap_or(0) > 0
         })
         .await,
-        "the gateway knows the resource"
+        "the gateway knows the resource and its budget"
     );
     Some(probe)
 }
