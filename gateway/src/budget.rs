@@ -112,26 +112,9 @@ impl BudgetEntry {
     }
 }
 
-/// The reservations of a request, as recorded with its allow decision.
-pub struct ReservedView<'a>(pub &'a Reservation);
-
-impl serde::Serialize for ReservedView<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        let mut seq = s.serialize_seq(Some(self.0.holds.len()))?;
-        for h in &self.0.holds {
-            seq.serialize_element(&HoldView {
-                budget_id: h.budget.id,
-                unit: h.budget.unit,
-                reserved: h.reserved,
-            })?;
-        }
-        seq.end()
-    }
-}
-
+/// One reservation as its decision's audit event records it.
 #[derive(serde::Serialize)]
-struct HoldView {
+pub struct HoldView {
     budget_id: BudgetId,
     unit: BudgetUnit,
     reserved: i64,
@@ -529,6 +512,18 @@ pub struct Settled {
 }
 
 impl Reservation {
+    /// What was reserved, for the decision's audit event.
+    pub fn view(&self) -> Vec<HoldView> {
+        self.holds
+            .iter()
+            .map(|h| HoldView {
+                budget_id: h.budget.id,
+                unit: h.budget.unit,
+                reserved: h.reserved,
+            })
+            .collect()
+    }
+
     /// Whether any budget needs the model and `max_tokens` of the body.
     pub fn needs_usage(&self) -> bool {
         self.holds.iter().any(|h| h.budget.unit != BudgetUnit::Requests)

@@ -190,7 +190,7 @@ impl Front {
             }
         };
         let info = AuditInfo {
-            request_id: &head.request_id,
+            request_id: head.request_id.as_str().into(),
             source,
             kind: "connect",
             mode: "forward",
@@ -243,14 +243,13 @@ impl Front {
         let (c, r, addr) = match decided {
             Ok((c, r, rule, addr)) => {
                 let est = Established {
-                    mandate: Some(&c),
-                    resource: Some(&r),
-                    target: target.as_ref(),
-                    path: None,
-                    rule: Some(&rule),
-                    reserved: None,
-                };
-                if let Err(e) = gw.audit_decision(true, "ok", &est, &info) {
+                    mandate: Some(c.clone()),
+                    resource: Some(r.res.id),
+                    rule: Some(rule),
+                    ..Default::default()
+                }
+                .asked(target.clone());
+                if let Err(e) = gw.audit_decision(true, "ok", est, info) {
                     gw.metrics.tunnels.with_label_values(&["deny"]).inc();
                     write_error(&mut client, &e, &head.request_id).await;
                     return;
@@ -261,12 +260,12 @@ impl Front {
                 gw.metrics.tunnels.with_label_values(&["deny"]).inc();
                 gw.metrics.decisions.with_label_values(&["deny", e.code.as_str()]).inc();
                 let est = Established {
-                    mandate: c.as_deref(),
-                    resource: r.as_deref(),
-                    target: target.as_ref(),
+                    mandate: c,
+                    resource: r.map(|r| r.res.id),
                     ..Default::default()
-                };
-                let _ = gw.audit_decision(false, e.code.as_str(), &est, &info);
+                }
+                .asked(target);
+                let _ = gw.audit_decision(false, e.code.as_str(), est, info);
                 write_error(&mut client, &e, &head.request_id).await;
                 return;
             }

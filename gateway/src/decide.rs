@@ -54,27 +54,53 @@ pub struct Decision {
 }
 
 /// What a decision had established when it ended (allow: everything; deny: what was known
-/// before the refusal), for its audit event.
-#[derive(Default, Clone, Copy)]
-pub struct Established<'a> {
-    pub mandate: Option<&'a Cached>,
-    pub resource: Option<&'a ResourceEntry>,
-    pub target: Option<&'a Target>,
-    pub path: Option<&'a str>,
-    pub rule: Option<&'a str>,
+/// before the refusal), for its audit event. Owned: the audit publisher serialises the event,
+/// off the request's thread.
+#[derive(Default)]
+pub struct Established {
+    pub mandate: Option<Arc<Cached>>,
+    pub resource: Option<caracal_shared::ids::ResourceId>,
+    pub method: Option<String>,
+    pub host: Option<String>,
+    /// The authorized (decoded, normalised) path; else the raw path asked for.
+    pub path: Option<String>,
+    pub rule: Option<String>,
     /// Budget reservations made for an allowed request (recorded with its decision).
-    pub reserved: Option<&'a crate::budget::Reservation>,
+    pub reserved: Option<Vec<crate::budget::HoldView>>,
 }
 
-/// The audit event of one decision, serialised straight from borrowed fields.
+impl Established {
+    /// Fill in what the client asked for (`target`), keeping an authorized path if one is set.
+    pub fn asked(mut self, target: Option<Target>) -> Self {
+        if let Some(t) = target {
+            self.method = Some(t.method);
+            self.host = Some(t.host);
+            if self.path.is_none() {
+                self.path = Some(t.path);
+            }
+        }
+        self
+    }
+}
+
+/// The audit event of one decision.
+struct DecisionEvent {
+    allow: bool,
+    reason: &'static str,
+    est: Established,
+    info: AuditInfo,
+    gateway: Arc<str>,
+}
+
+/// Its JSON form, borrowed from the event when the publisher serialises it.
 #[derive(serde::Serialize)]
 struct DecisionRecord<'a> {
     #[serde(rename = "type")]
     kind_of: &'static str,
     decision: &'static str,
-    reason: &'a str,
-    kind: &'a str,
-    mode: &'a str,
+    reason: &'static str,
+    kind: &'static str,
+    mode: &'static str,
     agent: Option<caracal_shared::ids::AgentId>,
     mandate_id: Option<caracal_shared::ids::MandateId>,
     session: Option<caracal_shared::ids::SessionId>,
@@ -87,12 +113,38 @@ struct DecisionRecord<'a> {
     request_id: &'a str,
     gateway: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    reserved: Option<crate::budget::ReservedView<'a>>,
+    reserved: Option<&'a [crate::budget::HoldView]>,
+}
+
+impl serde::Serialize for DecisionEvent {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let claims = self.est.mandate.as_ref().map(|c| &c.m.claims);
+        DecisionRecord {
+            kind_of: "decision",
+            decision: if self.allow { "allow" } else { "deny" },
+            reason: self.reason,
+            kind: self.info.kind,
+            mode: self.info.mode,
+            agent: claims.map(|c| c.agent),
+            mandate_id: claims.map(|c| c.mandate_id),
+            session: claims.and_then(|c| c.session),
+            resource: self.est.resource,
+            method: self.est.method.as_deref(),
+            host: self.est.host.as_deref(),
+            path: self.est.path.as_deref(),
+            rule: self.est.rule.as_deref(),
+            source: self.info.source,
+            request_id: &self.info.request_id,
+            gateway: &self.gateway,
+            reserved: self.est.reserved.as_deref(),
+        }
+        .serialize(s)
+    }
 }
 
 /// Context for the audit event.
-pub struct AuditInfo<'a> {
-    pub request_id: &'a str,
+pub struct AuditInfo {
+    pub request_id: Arc<str>,
     pub source: Option<IpAddr>,
     pub kind: &'static str,
     pub mode: &'static str,
@@ -349,29 +401,17 @@ impl Gateway {
         Ok(d.rule.unwrap_or_default())
     }
 
-    /// Step 8: one audit event per decision. Failure means the caller must refuse.
-    pub fn audit_decision(&self, allow: bool, reason: &str, e: &Established<'_>, info: &AuditInfo<'_>) -> Result<()> {
-        let claims = e.mandate.map(|c| &c.m.claims);
-        let t = e.target;
-        let record = DecisionRecord {
-            kind_of: "decision",
-            decision: if allow { "allow" } else { "deny" },
+    /// Step 8: one audit event per decision (serialised by the audit publisher). Failure
+    /// means the caller must refuse.
+    pub fn audit_decision(&self, allow: bool, reason: &'static str, est: Established, info: AuditInfo) -> Result<()> {
+        let tenant = est.mandate.as_ref().map(|c| c.m.claims.tenant);
+        let ev = DecisionEvent {
+            allow,
             reason,
-            kind: info.kind,
-            mode: info.mode,
-            agent: claims.map(|c| c.agent),
-            mandate_id: claims.map(|c| c.mandate_id),
-            session: claims.and_then(|c| c.session),
-            resource: e.resource.map(|r| r.res.id),
-            method: t.map(|t| t.method.as_str()),
-            host: t.map(|t| t.host.as_str()),
-            path: e.path.or(t.map(|t| t.path.as_str())),
-            rule: e.rule,
-            source: info.source,
-            request_id: info.request_id,
-            gateway: &self.rt.config.gateway.id,
-            reserved: e.reserved.map(crate::budget::ReservedView),
+            est,
+            info,
+            gateway: self.gateway_id.clone(),
         };
-        self.audit.emit_record("decision", claims.map(|c| c.tenant), &record)
+        self.audit.emit_deferred("decision", tenant, ev)
     }
 }

@@ -42,8 +42,11 @@ pub struct Proxy {
 }
 
 pub struct Ctx {
+    /// When the request's head had been read (Pingora makes the context then).
     started: Instant,
-    request_id: String,
+    /// This request's id (the client's `X-Request-Id` when usable, else a fresh one), shared
+    /// with its audit events.
+    rid: Option<Arc<str>>,
     decision: Option<Decision>,
     /// Body read to decide (replayed or forwarded as a whole).
     body: Option<Bytes>,
@@ -98,7 +101,7 @@ pub async fn respond_error(
     Ok(())
 }
 
-fn request_id(req: &RequestHeader) -> String {
+fn request_id(req: &RequestHeader) -> Arc<str> {
     match req.headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
         Some(v)
             if !v.is_empty()
@@ -106,11 +109,11 @@ fn request_id(req: &RequestHeader) -> String {
                 && v.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') =>
         {
-            v.to_string()
+            v.into()
         }
         _ => {
             let mut buf = uuid::Uuid::encode_buffer();
-            uuid::Uuid::new_v4().simple().encode_lower(&mut buf).to_owned()
+            (&*uuid::Uuid::new_v4().simple().encode_lower(&mut buf)).into()
         }
     }
 }
@@ -549,7 +552,7 @@ impl Proxy {
             .method(req.method.clone())
             .uri(ctx.forward_target.as_str());
         let mut headers = req.headers.clone();
-        self.edits(d, &ctx.request_id, false, |e| match e {
+        self.edits(d, ctx.request_id(), false, |e| match e {
             Edit::Remove(n) => {
                 headers.remove(n);
             }
@@ -623,9 +626,15 @@ impl Proxy {
                     .upstream_errors
                     .with_label_values(&[e.code.as_str()])
                     .inc();
-                respond_error(session, &e, false, &ctx.request_id).await
+                respond_error(session, &e, false, ctx.request_id()).await
             }
         }
+    }
+}
+
+impl Ctx {
+    fn request_id(&self) -> &str {
+        self.rid.as_deref().unwrap_or("-")
     }
 }
 
@@ -646,7 +655,7 @@ impl Proxy {
             let c = &d.mandate.m.claims;
             let ev = SettlementRecord {
                 kind_of: "budget_settlement",
-                request_id: ctx.request_id.clone(),
+                request_id: ctx.rid.clone().unwrap_or_else(|| "-".into()),
                 agent: c.agent,
                 mandate_id: c.mandate_id,
                 resource: d.resource.res.id,
@@ -657,7 +666,7 @@ impl Proxy {
             };
             // Serialised by the audit publisher, not on this (the request's) thread.
             if let Err(e) = self.gw.audit.emit_deferred("metering", Some(c.tenant), ev) {
-                tracing::warn!(error = %e, request_id = %ctx.request_id, "a budget settlement could not be recorded");
+                tracing::warn!(error = %e, request_id = %ctx.request_id(), "a budget settlement could not be recorded");
             }
         }
     }
@@ -668,7 +677,8 @@ impl Proxy {
 struct SettlementRecord {
     #[serde(rename = "type")]
     kind_of: &'static str,
-    request_id: String,
+    #[serde(serialize_with = "as_str")]
+    request_id: Arc<str>,
     agent: caracal_shared::ids::AgentId,
     mandate_id: caracal_shared::ids::MandateId,
     resource: caracal_shared::ids::ResourceId,
@@ -676,6 +686,10 @@ struct SettlementRecord {
     usage: Option<caracal_shared::metering::Usage>,
     cut_short: bool,
     settled: Vec<crate::budget::Settled>,
+}
+
+fn as_str<S: serde::Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v)
 }
 
 /// What was established before a refusal.
@@ -693,7 +707,7 @@ impl ProxyHttp for Proxy {
     fn new_ctx(&self) -> Ctx {
         Ctx {
             started: Instant::now(),
-            request_id: String::new(),
+            rid: None,
             decision: None,
             body: None,
             forward_target: String::new(),
@@ -704,8 +718,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
-        ctx.started = Instant::now();
-        ctx.request_id = request_id(session.req_header());
+        ctx.rid = Some(request_id(session.req_header()));
         let source = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let gw = self.gw.clone();
         let tunnel = gw
@@ -732,7 +745,7 @@ impl ProxyHttp for Proxy {
         } else {
             match self.target(session.req_header(), tunnel.as_deref()) {
                 Err(e) => Err((e, None, Partial::default())),
-                Ok((t, bound)) => match self.authenticate(session, tunnel.as_deref(), &ctx.request_id).await {
+                Ok((t, bound)) => match self.authenticate(session, tunnel.as_deref(), ctx.request_id()).await {
                     Err(e) => Err((e, Some(t), Partial::default())),
                     Ok(c) => match self.decide(session, &t, bound, c, ctx).await {
                         Ok(d) => Ok((t, d)),
@@ -742,31 +755,34 @@ impl ProxyHttp for Proxy {
             }
         };
         let info = AuditInfo {
-            request_id: &ctx.request_id,
+            request_id: ctx.rid.clone().unwrap_or_else(|| "-".into()),
             source,
             kind: "http",
             mode,
         };
         match outcome {
-            Ok((t, d)) => {
+            Ok((t, mut d)) => {
+                ctx.forward_target = self.forward_target(&d, t.query.as_deref());
+                // The path and rule were needed for the forward target; the audit event
+                // takes them now.
                 let est = Established {
-                    mandate: Some(&d.mandate),
-                    resource: Some(&d.resource),
-                    target: Some(&t),
-                    path: Some(&d.path),
-                    rule: Some(&d.rule),
-                    reserved: ctx.reservation.as_ref(),
-                };
-                if let Err(e) = gw.audit_decision(true, "ok", &est, &info) {
+                    mandate: Some(d.mandate.clone()),
+                    resource: Some(d.resource.res.id),
+                    path: Some(std::mem::take(&mut d.path)),
+                    rule: Some(std::mem::take(&mut d.rule)),
+                    reserved: ctx.reservation.as_ref().map(|r| r.view()),
+                    ..Default::default()
+                }
+                .asked(Some(t));
+                if let Err(e) = gw.audit_decision(true, "ok", est, info) {
                     if let Some(mut r) = ctx.reservation.take() {
                         r.abort();
                     }
                     gw.metrics.decisions.with_label_values(&["deny", e.code.as_str()]).inc();
-                    respond_error(session, &e, false, &ctx.request_id).await?;
+                    respond_error(session, &e, false, ctx.request_id()).await?;
                     return Ok(true);
                 }
                 gw.metrics.allowed.inc();
-                ctx.forward_target = self.forward_target(&d, t.query.as_deref());
                 ctx.decision = Some(d);
                 if ctx.body.as_ref().is_some_and(|b| b.len() > REPLAY_LIMIT) {
                     self.forward_buffered(session, ctx).await?;
@@ -777,17 +793,16 @@ impl ProxyHttp for Proxy {
             Err((e, t, partial)) => {
                 gw.metrics.decisions.with_label_values(&["deny", e.code.as_str()]).inc();
                 let est = Established {
-                    mandate: partial.mandate.as_deref(),
-                    resource: partial.resource.as_deref(),
-                    target: t.as_ref(),
-                    path: partial.path.as_deref(),
-                    rule: None,
-                    reserved: None,
-                };
-                if let Err(ae) = gw.audit_decision(false, e.code.as_str(), &est, &info) {
+                    resource: partial.resource.as_ref().map(|r| r.res.id),
+                    mandate: partial.mandate,
+                    path: partial.path,
+                    ..Default::default()
+                }
+                .asked(t);
+                if let Err(ae) = gw.audit_decision(false, e.code.as_str(), est, info) {
                     tracing::warn!(error = %ae, "a denial could not be audited");
                 }
-                respond_error(session, &e, self.proxy_auth(), &ctx.request_id).await?;
+                respond_error(session, &e, self.proxy_auth(), ctx.request_id()).await?;
                 Ok(true)
             }
         }
@@ -839,7 +854,7 @@ impl ProxyHttp for Proxy {
         up.set_raw_path(ctx.forward_target.as_bytes())?;
         let host_ok = Self::host_ok(d, up.headers.get_all(header::HOST).iter());
         let mut failed = None;
-        self.edits(d, &ctx.request_id, host_ok, |e| match e {
+        self.edits(d, ctx.request_id(), host_ok, |e| match e {
             Edit::Remove(n) => {
                 up.remove_header(&n);
             }
@@ -950,7 +965,7 @@ impl ProxyHttp for Proxy {
                 _ => "the upstream could not be reached",
             },
         );
-        let _ = respond_error(session, &err, false, &ctx.request_id).await;
+        let _ = respond_error(session, &err, false, ctx.request_id()).await;
         FailToProxy {
             error_code: err.status().as_u16(),
             can_reuse_downstream: false,

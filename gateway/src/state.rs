@@ -327,6 +327,8 @@ pub struct Gateway {
     pub rt: Runtime,
     /// This gateway's `Via` entry (`1.1 <gateway id>`), built once.
     pub via: HeaderValue,
+    /// This gateway's id, shared with the audit events it records.
+    pub gateway_id: Arc<str>,
     pub snapshot: RwLock<Arc<Snapshot>>,
     keys: RwLock<Arc<HashMap<u32, PublicKey>>>,
     keys_reloaded: std::sync::Mutex<Instant>,
@@ -406,6 +408,7 @@ impl Gateway {
             )?),
             via: HeaderValue::from_str(&format!("1.1 {}", rt.config.gateway.id))
                 .unwrap_or_else(|_| HeaderValue::from_static("1.1 caracal")),
+            gateway_id: rt.config.gateway.id.as_str().into(),
             rt,
         })
     }

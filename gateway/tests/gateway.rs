@@ -61,8 +61,24 @@ async fn allowed_requests_carry_the_injected_credential_never_the_mandate(b: Bac
     assert_eq!(seen.headers["host"], format!("api.test:{}", env.upstream.addr.port()));
     assert!(seen.headers["via"].contains(&env.rt.config.gateway.id));
     assert_eq!(seen.headers["x-request-id"], "req-abc");
+    // The whole decision record (serialised by the audit publisher, off the request's thread).
+    let gw_id = env.rt.config.gateway.id.clone();
     assert!(
-        env.audited(|e| e["decision"] == "allow" && e["request_id"] == "req-abc" && e["path"] == "/v1/models")
+        env.audited(|e| e["decision"] == "allow"
+            && e["request_id"] == "req-abc"
+            && e["reason"] == "ok"
+            && e["kind"] == "http"
+            && e["mode"] == "forward"
+            && e["method"] == "GET"
+            && e["host"] == "api.test"
+            && e["path"] == "/v1/models"
+            && e["rule"].as_str().is_some_and(|r| !r.is_empty())
+            && e["agent"] == env.agent.as_str()
+            && e["resource"] == env.resource.as_str()
+            && e["mandate_id"].as_str().is_some_and(|m| m.starts_with("mdt_"))
+            && e["source"] == "127.0.0.1"
+            && e["gateway"] == gw_id.as_str()
+            && e.get("reserved").is_none())
             .await
     );
     // Bearer form, and an API key as the proxy password (exchanged once, then cached).
@@ -76,7 +92,10 @@ async fn allowed_requests_carry_the_injected_credential_never_the_mandate(b: Bac
             .await;
         assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     }
-    let mints = env.audit().await.iter().filter(|e| e.body["type"] == "mint").count();
+    // Mint events come from the STS's own audit publisher: wait for them to land.
+    let mints = || async { env.audit().await.iter().filter(|e| e.body["type"] == "mint").count() };
+    eventually(Duration::from_secs(10), || async { mints().await >= 2 }).await;
+    let mints = mints().await;
     assert_eq!(
         mints, 2,
         "one mint for the test's mandate, one for the API key (not one per request)"
