@@ -143,6 +143,17 @@ fn plain_proxy(upstream: SocketAddr, threads: usize) -> SocketAddr {
     panic!("the plain proxy did not start");
 }
 
+/// User plus system CPU time this process has used so far.
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
 /// One target of the comparison.
 struct Target {
     name: &'static str,
@@ -348,7 +359,14 @@ pub async fn run(
         .is_ok();
     // Profiling aid: only the closed loop on the targets whose name starts with `only`.
     if let Some(prefix) = only {
-        for t in targets.iter().filter(|t| t.name.starts_with(prefix.as_str())) {
+        let exact = targets.iter().any(|t| t.name == prefix);
+        for t in targets.iter().filter(|t| {
+            if exact {
+                t.name == prefix
+            } else {
+                t.name.starts_with(prefix.as_str())
+            }
+        }) {
             let s = if use_wrk {
                 wrk(t, connections, seconds).await.expect("wrk output")
             } else {
@@ -420,8 +438,17 @@ pub async fn run(
     println!("| path | req/s | vs plain | p50 | p99 | p99.9 | errors |");
     println!("|---|---|---|---|---|---|---|");
     let mut fixed = Vec::new();
+    // CPU time of this whole process per request at the same offered rate: the load generator,
+    // the upstream, the proxies and the in-process Caracal system (the gateway's audit
+    // publisher; on SQLite, the embedded bus storing every event durably). The differences
+    // between targets are what each path costs end to end, free of the closed loop's
+    // scheduling effects (Postgres and Redis, when used, run outside and are not counted).
+    let mut cpu = Vec::new();
     for t in &targets {
-        fixed.push(open_loop(t.connect, 16, rate, Duration::from_secs(seconds), t.make()).await);
+        let before = process_cpu();
+        let s = open_loop(t.connect, 16, rate, Duration::from_secs(seconds), t.make()).await;
+        cpu.push((process_cpu() - before).as_secs_f64() * 1e6 / (s.requests.max(1) as f64));
+        fixed.push(s);
     }
     for (i, t) in targets.iter().enumerate() {
         println!(
@@ -433,6 +460,21 @@ pub async fn run(
             )
         );
     }
+    println!(
+        "\nCPU per request at {rate} req/s (this process: generator, upstream, proxies, in-process Caracal; on SQLite incl. the embedded bus): {}",
+        targets
+            .iter()
+            .zip(&cpu)
+            .map(|(t, c)| format!("{} {c:.1} µs", t.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "Cost per request over the upstream-directly figure: plain {:.1} µs, governed {:.1} µs, governed + budget {:.1} µs",
+        cpu[1] - cpu[0],
+        cpu[2] - cpu[0],
+        cpu[3] - cpu[0]
+    );
     let added = |p: f64, base: &Stats| fmt(fixed[2].pct(p).saturating_sub(base.pct(p)));
     println!(
         "\nAdded by the governed gateway at {rate} req/s: vs upstream directly p50 {} p99 {}; vs plain passthrough p50 {} p99 {}",
