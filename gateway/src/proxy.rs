@@ -636,6 +636,11 @@ impl Ctx {
     fn request_id(&self) -> &str {
         self.rid.as_deref().unwrap_or("-")
     }
+
+    /// The request id as the audit records share it.
+    fn shared_request_id(&self) -> Arc<str> {
+        self.rid.clone().unwrap_or_else(|| "-".into())
+    }
 }
 
 impl Proxy {
@@ -655,7 +660,7 @@ impl Proxy {
             let c = &d.mandate.m.claims;
             let ev = SettlementRecord {
                 kind_of: "budget_settlement",
-                request_id: ctx.rid.clone().unwrap_or_else(|| "-".into()),
+                request_id: ctx.shared_request_id(),
                 agent: c.agent,
                 mandate_id: c.mandate_id,
                 resource: d.resource.res.id,
@@ -755,7 +760,7 @@ impl ProxyHttp for Proxy {
             }
         };
         let info = AuditInfo {
-            request_id: ctx.rid.clone().unwrap_or_else(|| "-".into()),
+            request_id: ctx.shared_request_id(),
             source,
             kind: "http",
             mode,

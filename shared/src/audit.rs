@@ -32,8 +32,8 @@ const LINGER: Duration = Duration::from_millis(2);
 /// Kind of a bus message that carries several audit events.
 pub const BATCH_KIND: &str = "audit.batch";
 
-/// One queued event: its JSON body already serialised (UTF-8 JSON text; checked once per
-/// batch by the publisher, off the caller's path).
+/// One queued event: its body as JSON text, or a record the publisher serialises (the batch
+/// is checked for UTF-8 once, by the publisher, off the caller's path).
 struct Pending {
     id: EventId,
     kind: &'static str,
@@ -210,21 +210,8 @@ impl AuditEmitter {
         self.emit_json(kind, tenant, body.to_string())
     }
 
-    /// Queue one event serialised from `record` (one buffer, sized for a typical event: the
-    /// gateway emits one or two of these per request).
-    pub fn emit_record<T: serde::Serialize>(
-        &self,
-        kind: &'static str,
-        tenant: Option<TenantId>,
-        record: &T,
-    ) -> Result<()> {
-        let mut buf = Vec::with_capacity(768);
-        serde_json::to_writer(&mut buf, record).map_err(|e| Error::internal(e.to_string()))?;
-        self.queue(kind, tenant, Body::Json(buf))
-    }
-
     /// Queue one event whose record the publisher serialises, off the caller's thread (for
-    /// records that own their data; the gateway's per-request settlement events).
+    /// records that own their data: the gateway's per-request decision and settlement events).
     pub fn emit_deferred<T: serde::Serialize + Send + 'static>(
         &self,
         kind: &'static str,
