@@ -18,7 +18,17 @@ export CARACAL__CONTROL__LISTEN=127.0.0.1:27402 CARACAL__STS__LISTEN=127.0.0.1:2
   CARACAL__HTTP__RATE_LIMIT_PER_SEC=100000 CARACAL__HTTP__RATE_LIMIT_BURST=100000 RUST_LOG=warn
 "$bin" dev --data-dir "$work/data" > "$work/dev.log" 2>&1 &
 pid=$!
-for _ in $(seq 1 100); do curl -sf http://127.0.0.1:27402/readyz >/dev/null && break; sleep 0.2; done
+ready=0
+for _ in $(seq 1 600); do
+  if curl -sf http://127.0.0.1:27402/readyz >/dev/null && [ -s "$work/data/admin-token" ]; then ready=1; break; fi
+  kill -0 $pid 2>/dev/null || break
+  sleep 0.2
+done
+if [ "$ready" != 1 ]; then
+  echo "caracal dev did not become ready; its log:"
+  cat "$work/dev.log"
+  exit 1
+fi
 token=$(cat "$work/data/admin-token")
 tenant=$(awk '/demo tenant/ {print $3}' "$work/dev.log")
 "$venv/bin/schemathesis" run http://127.0.0.1:27402/v1/openapi.json \
