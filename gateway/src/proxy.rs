@@ -101,6 +101,8 @@ pub async fn respond_error(
     Ok(())
 }
 
+const X_REQUEST_ID: &str = "x-request-id";
+
 fn request_id(req: &RequestHeader) -> Arc<str> {
     match req.headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
         Some(v)
@@ -123,7 +125,7 @@ fn split_host_port(authority: &str, default_port: u16) -> Result<(String, u16), 
     if authority.contains('@') {
         return Err(Error::bad_request("credentials in the target URL are refused"));
     }
-    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+    let (mut host, port) = if let Some(rest) = authority.strip_prefix('[') {
         let (h, after) = rest.split_once(']').ok_or_else(bad)?;
         let port = match after.strip_prefix(':') {
             Some(p) => p.parse().map_err(|_| bad())?,
@@ -140,7 +142,8 @@ fn split_host_port(authority: &str, default_port: u16) -> Result<(String, u16), 
     if host.is_empty() || host.len() > 253 {
         return Err(bad());
     }
-    Ok((host.to_ascii_lowercase(), port))
+    host.make_ascii_lowercase();
+    Ok((host, port))
 }
 
 /// Whether a `Host` value is exactly `host` (followed by `:port` when one is given).
@@ -521,7 +524,7 @@ impl Proxy {
             }
         }
         if let Ok(v) = HeaderValue::from_str(request_id) {
-            edit(Edit::Set(HeaderName::from_static("x-request-id"), v));
+            edit(Edit::Set(HeaderName::from_static(X_REQUEST_ID), v));
         }
     }
 
@@ -864,7 +867,14 @@ impl ProxyHttp for Proxy {
                 up.remove_header(&n);
             }
             Edit::Set(n, v) => {
-                if let Err(e) = up.insert_header(n, v) {
+                // A static name is kept as is (a `HeaderName` would be re-cased into a new
+                // buffer first).
+                let r = if n == X_REQUEST_ID {
+                    up.insert_header(X_REQUEST_ID, v)
+                } else {
+                    up.insert_header(n, v)
+                };
+                if let Err(e) = r {
                     failed = Some(e);
                 }
             }

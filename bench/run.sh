@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Reproduce the figures in bench/RESULTS.md on this machine: installs the load generator (wrk;
+# without it the gateway benchmark falls back to an in-process generator that shares the
+# process with the system under test, and its figures are not comparable), builds the
+# benchmark in release and runs it with the arguments given, e.g.
+#
+#   bench/run.sh gateway --store postgres --seconds 6 --rounds 7
+#   bench/run.sh gateway --store sqlite --seconds 6 --rounds 7
+#   bench/run.sh sts --store postgres --seconds 10 --workers 32
+#
+# Postgres and Redis must answer on 127.0.0.1 for `--store postgres` (`.ci/run` starts them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+if ! command -v wrk >/dev/null; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk >/dev/null
+fi
+command -v cmake >/dev/null || { $SUDO apt-get update -qq; DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq cmake >/dev/null; }
+export CARACAL_TEST_DATABASE_URL="${CARACAL_TEST_DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
+export CARACAL_TEST_REDIS_URL="${CARACAL_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+target="${CARGO_TARGET_DIR:-target}"
+cargo build --release --locked -p caracal-bench
+exec "$target/release/caracal-bench" "$@"
