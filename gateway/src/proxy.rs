@@ -95,7 +95,7 @@ pub async fn respond_error(
     if let Some(s) = err.retry_after_secs {
         resp.insert_header(header::RETRY_AFTER, s.to_string())?;
     }
-    resp.insert_header("x-request-id", request_id)?;
+    resp.insert_header(X_REQUEST_ID, request_id)?;
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;
     Ok(())
@@ -104,7 +104,7 @@ pub async fn respond_error(
 const X_REQUEST_ID: &str = "x-request-id";
 
 fn request_id(req: &RequestHeader) -> Arc<str> {
-    match req.headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+    match req.headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
         Some(v)
             if !v.is_empty()
                 && v.len() <= 64
