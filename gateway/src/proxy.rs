@@ -867,14 +867,7 @@ impl ProxyHttp for Proxy {
                 up.remove_header(&n);
             }
             Edit::Set(n, v) => {
-                // A static name is kept as is (a `HeaderName` would be re-cased into a new
-                // buffer first).
-                let r = if n == X_REQUEST_ID {
-                    up.insert_header(X_REQUEST_ID, v)
-                } else {
-                    up.insert_header(n, v)
-                };
-                if let Err(e) = r {
+                if let Err(e) = up.insert_header(n, v) {
                     failed = Some(e);
                 }
             }
