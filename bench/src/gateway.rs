@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use caracal_bench::{MakeRequest, Stats, closed_loop, fmt, machine, open_loop};
+use caracal_bench::{MakeRequest, Stats, closed_loop, fmt, machine, open_loop, threads_cpu};
 use caracal_shared::egress::Resolver;
 use http::Method;
 use http_body_util::Full;
@@ -162,6 +162,8 @@ struct Target {
     path: String,
     host: String,
     auth: Option<String>,
+    /// Name prefix of the proxy threads serving this target (none for the upstream).
+    threads: Option<&'static str>,
 }
 
 impl Target {
@@ -176,6 +178,10 @@ impl Target {
         })
     }
 }
+
+/// Pingora names its worker threads after the service (truncated to 15 bytes by Linux).
+const PLAIN_THREADS: &str = "Pingora HTTP Pr";
+const GATEWAY_THREADS: &str = "caracal-gateway";
 
 /// Full speed with wrk (one thread, `connections` connections), if installed.
 async fn wrk(t: &Target, connections: usize, seconds: u64) -> Option<Stats> {
@@ -317,6 +323,7 @@ pub async fn run(
             path: "/v1/models".into(),
             host: host.clone(),
             auth: None,
+            threads: None,
         },
         Target {
             name: "plain Pingora passthrough",
@@ -325,6 +332,7 @@ pub async fn run(
             host: host.clone(),
             // The same bytes from the client (the mandate rides along, unread).
             auth: Some(format!("Bearer {mandate}")),
+            threads: Some(PLAIN_THREADS),
         },
         Target {
             name: "governed gateway",
@@ -332,6 +340,7 @@ pub async fn run(
             path: absolute.clone(),
             host: host.clone(),
             auth: Some(format!("Bearer {mandate}")),
+            threads: Some(GATEWAY_THREADS),
         },
         Target {
             name: "governed gateway + budget",
@@ -339,6 +348,7 @@ pub async fn run(
             path: format!("http://api2.bench:{port}/v1/models"),
             host: format!("api2.bench:{port}"),
             auth: Some(format!("Bearer {mandate}")),
+            threads: Some(GATEWAY_THREADS),
         },
     ];
     // Warm every path (connections, caches) and check it answers 200.
@@ -387,32 +397,45 @@ pub async fn run(
         "\nThroughput, closed loop, {connections} keep-alive connections, {seconds}s per target per round, {rounds} rounds in rotating order ({}):\n",
         if use_wrk { "wrk -t1" } else { "in-process generator" }
     );
-    // rounds[r][i]: target i in round r.
+    // by_round[r][i]: target i in round r; cpu_round[r][i]: its proxy threads' CPU per request (µs).
     let mut by_round: Vec<Vec<Stats>> = Vec::new();
+    let mut cpu_round: Vec<Vec<f64>> = Vec::new();
     for r in 0..rounds {
-        let mut this: Vec<Option<Stats>> = (0..targets.len()).map(|_| None).collect();
+        let mut this: Vec<Option<(Stats, f64)>> = (0..targets.len()).map(|_| None).collect();
         for k in 0..targets.len() {
             let i = (k + r) % targets.len();
             let t = &targets[i];
+            let before = t.threads.map(threads_cpu);
             let s = if use_wrk {
                 wrk(t, connections, seconds).await.expect("wrk output")
             } else {
                 closed_loop(t.connect, connections, Duration::from_secs(seconds), t.make()).await
             };
-            this[i] = Some(s);
+            let per_req = match (t.threads, before) {
+                (Some(p), Some(b)) => (threads_cpu(p) - b).as_secs_f64() * 1e6 / s.requests.max(1) as f64,
+                _ => f64::NAN,
+            };
+            this[i] = Some((s, per_req));
         }
-        let this: Vec<Stats> = this.into_iter().map(|s| s.expect("every target ran")).collect();
+        let (this, cpu): (Vec<Stats>, Vec<f64>) = this.into_iter().map(|s| s.expect("every target ran")).unzip();
         println!(
             "round {}: {}",
             r + 1,
             targets
                 .iter()
-                .zip(&this)
-                .map(|(t, s)| format!("{} {:.0}", t.name, s.rps()))
+                .zip(this.iter().zip(&cpu))
+                .map(|(t, (s, c))| {
+                    if c.is_nan() {
+                        format!("{} {:.0}", t.name, s.rps())
+                    } else {
+                        format!("{} {:.0} ({c:.1} µs)", t.name, s.rps())
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         );
         by_round.push(this);
+        cpu_round.push(cpu);
     }
     // Each target's median round (for its latency figures), and median per-round ratios.
     let full: Vec<Stats> = (0..targets.len())
@@ -433,62 +456,109 @@ pub async fn run(
     for (i, t) in targets.iter().enumerate() {
         println!("{}", row(t.name, &full[i], (i > 0).then(|| ratio(i, 1))));
     }
+    // The proxy's own cost per request: its threads' CPU time over the requests they served
+    // (median round). At saturation this is what sets throughput, without the noise of how the
+    // scheduler shared the two cores with wrk and the upstream in that round.
+    let cpu_med = |i: usize| {
+        let mut v: Vec<f64> = cpu_round.iter().map(|x| x[i]).collect();
+        median(&mut v)
+    };
+    let cpu_ratio = |i: usize, base: usize| {
+        let mut v: Vec<f64> = cpu_round.iter().map(|x| x[base] / x[i].max(1e-9)).collect();
+        median(&mut v)
+    };
+    println!(
+        "\nProxy threads' CPU per request, closed loop (median round; inverse ratio = throughput the proxy's own cost allows): plain {:.1} µs, governed {:.1} µs ({:.2}× plain), governed + budget {:.1} µs ({:.2}× governed)",
+        cpu_med(1),
+        cpu_med(2),
+        cpu_ratio(2, 1),
+        cpu_med(3),
+        cpu_ratio(3, 2),
+    );
 
-    println!("\nLatency at a fixed {rate} req/s, open loop, 16 connections, {seconds}s each:\n");
-    println!("| path | req/s | vs plain | p50 | p99 | p99.9 | errors |");
-    println!("|---|---|---|---|---|---|---|");
-    let mut fixed = Vec::new();
-    // CPU time of this whole process per request at the same offered rate: the load generator,
-    // the upstream, the proxies and the in-process Caracal system (the gateway's audit
-    // publisher; on SQLite, the embedded bus storing every event durably). The differences
-    // between targets are what each path costs end to end, free of the closed loop's
-    // scheduling effects (Postgres and Redis, when used, run outside and are not counted).
-    let mut cpu = Vec::new();
-    for t in &targets {
-        let before = process_cpu();
-        let s = open_loop(t.connect, 16, rate, Duration::from_secs(seconds), t.make()).await;
-        cpu.push((process_cpu() - before).as_secs_f64() * 1e6 / (s.requests.max(1) as f64));
-        fixed.push(s);
+    println!(
+        "\nLatency at a fixed {rate} req/s, open loop, 16 connections, {seconds}s per target per round, {rounds} rounds in rotating order (each figure the median over the rounds):\n"
+    );
+    // fixed[r][i]: target i in round r; cpu[r][i]: this whole process's CPU per request.
+    let mut fixed: Vec<Vec<Stats>> = Vec::new();
+    let mut cpu: Vec<Vec<f64>> = Vec::new();
+    for r in 0..rounds {
+        let mut this: Vec<Option<(Stats, f64)>> = (0..targets.len()).map(|_| None).collect();
+        for k in 0..targets.len() {
+            let i = (k + r) % targets.len();
+            let t = &targets[i];
+            // CPU time of this whole process per request at the same offered rate: the load
+            // generator, the upstream, the proxies and the in-process Caracal system (the
+            // gateway's audit publisher; on SQLite, the embedded bus storing every event
+            // durably). The differences between targets are what each path costs end to end,
+            // free of the closed loop's scheduling effects (Postgres and Redis, when used, run
+            // outside and are not counted).
+            let before = process_cpu();
+            let s = open_loop(t.connect, 16, rate, Duration::from_secs(seconds), t.make()).await;
+            let c = (process_cpu() - before).as_secs_f64() * 1e6 / (s.requests.max(1) as f64);
+            this[i] = Some((s, c));
+        }
+        let (this, c): (Vec<Stats>, Vec<f64>) = this.into_iter().map(|s| s.expect("every target ran")).unzip();
+        fixed.push(this);
+        cpu.push(c);
     }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    // The median over rounds of a figure of target i, and of a difference between targets.
+    let med = |f: &dyn Fn(&[Stats], usize) -> f64, i: usize| {
+        let mut v: Vec<f64> = fixed.iter().map(|x| f(x, i)).collect();
+        median(&mut v)
+    };
+    let pct = |p: f64| move |x: &[Stats], i: usize| ms(x[i].pct(p));
+    let added = |p: f64, i: usize, base: usize| {
+        let mut v: Vec<f64> = fixed.iter().map(|x| ms(x[i].pct(p)) - ms(x[base].pct(p))).collect();
+        median(&mut v)
+    };
+    println!("| path | req/s | p50 | p99 | p99.9 | errors (all rounds) |");
+    println!("|---|---|---|---|---|---|");
     for (i, t) in targets.iter().enumerate() {
         println!(
-            "{}",
-            row(
-                t.name,
-                &fixed[i],
-                (i > 0).then(|| fixed[i].rps() / fixed[1].rps().max(1e-9))
-            )
+            "| {} | {:.0} | {:.2}ms | {:.2}ms | {:.2}ms | {} |",
+            t.name,
+            med(&|x: &[Stats], i| x[i].rps(), i),
+            med(&pct(50.0), i),
+            med(&pct(99.0), i),
+            med(&pct(99.9), i),
+            fixed.iter().map(|x| x[i].errors + x[i].non_2xx).sum::<u64>()
         );
     }
+    let cpu_at = |i: usize| {
+        let mut v: Vec<f64> = cpu.iter().map(|x| x[i]).collect();
+        median(&mut v)
+    };
     println!(
-        "\nCPU per request at {rate} req/s (this process: generator, upstream, proxies, in-process Caracal; on SQLite incl. the embedded bus): {}",
+        "\nCPU per request at {rate} req/s (this process: generator, upstream, proxies, in-process Caracal; on SQLite incl. the embedded bus; median round): {}",
         targets
             .iter()
-            .zip(&cpu)
-            .map(|(t, c)| format!("{} {c:.1} µs", t.name))
+            .enumerate()
+            .map(|(i, t)| format!("{} {:.1} µs", t.name, cpu_at(i)))
             .collect::<Vec<_>>()
             .join(", ")
     );
     println!(
         "Cost per request over the upstream-directly figure: plain {:.1} µs, governed {:.1} µs, governed + budget {:.1} µs",
-        cpu[1] - cpu[0],
-        cpu[2] - cpu[0],
-        cpu[3] - cpu[0]
-    );
-    let added = |p: f64, base: &Stats| fmt(fixed[2].pct(p).saturating_sub(base.pct(p)));
-    println!(
-        "\nAdded by the governed gateway at {rate} req/s: vs upstream directly p50 {} p99 {}; vs plain passthrough p50 {} p99 {}",
-        added(50.0, &fixed[0]),
-        added(99.0, &fixed[0]),
-        added(50.0, &fixed[1]),
-        added(99.0, &fixed[1]),
+        cpu_at(1) - cpu_at(0),
+        cpu_at(2) - cpu_at(0),
+        cpu_at(3) - cpu_at(0)
     );
     println!(
-        "Budgets (reserve + settle per request, {} store): throughput {:.2}× the governed path without budgets (median of per-round ratios); added p50 {} p99 {} at {rate} req/s",
+        "\nAdded by the governed gateway at {rate} req/s (median of per-round differences): vs upstream directly p50 {:+.3} ms, p99 {:+.3} ms; vs plain passthrough p50 {:+.3} ms, p99 {:+.3} ms",
+        added(50.0, 2, 0),
+        added(99.0, 2, 0),
+        added(50.0, 2, 1),
+        added(99.0, 2, 1),
+    );
+    println!(
+        "Budgets (reserve + settle per request, {} store): throughput {:.2}× the governed path without budgets (median of per-round ratios), proxy CPU per request {:.2}× (governed / budget, median of per-round ratios); added at {rate} req/s (median of per-round differences) p50 {:+.3} ms, p99 {:+.3} ms",
         store.label(),
         ratio(3, 2),
-        fmt(fixed[3].pct(50.0).saturating_sub(fixed[2].pct(50.0))),
-        fmt(fixed[3].pct(99.0).saturating_sub(fixed[2].pct(99.0))),
+        cpu_ratio(3, 2),
+        added(50.0, 3, 2),
+        added(99.0, 3, 2),
     );
     let m = sys
         .client

@@ -223,3 +223,35 @@ pub fn machine() -> String {
         .unwrap_or(0);
     format!("{cores} cores ({cpu}), {mem} GiB RAM")
 }
+
+/// CPU time (user + system) used so far by this process's threads whose name starts with
+/// `prefix` (Linux: `/proc/self/task/*/stat`; each thread's own counters, not the process's).
+/// Over a closed-loop run in which a proxy's threads are saturated, this divided by the
+/// requests served is what one request costs the proxy, free of how the scheduler shared the
+/// cores with the load generator and the upstream.
+pub fn threads_cpu(prefix: &str) -> Duration {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    let mut ticks = 0u64;
+    for t in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        // "tid (comm) state ppid ... utime stime ...": comm may hold spaces, so split at the
+        // last ')'; utime and stime are the 12th and 13th fields after it.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if !stat[open + 1..close].starts_with(prefix) {
+            continue;
+        }
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        if let (Some(u), Some(s)) = (f.get(11), f.get(12)) {
+            ticks += u.parse::<u64>().unwrap_or(0) + s.parse::<u64>().unwrap_or(0);
+        }
+    }
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
