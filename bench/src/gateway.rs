@@ -241,8 +241,9 @@ fn row(name: &str, s: &Stats, vs: Option<f64>) -> String {
     )
 }
 
-/// The median of `v` (sorted in place).
-fn median(v: &mut [f64]) -> f64 {
+/// The median over rounds of `f(round)`.
+fn median_over<T>(rounds: &[T], f: impl Fn(&T) -> f64) -> f64 {
+    let mut v: Vec<f64> = rounds.iter().map(f).collect();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -446,10 +447,7 @@ pub async fn run(
             by_round[r][i].clone()
         })
         .collect();
-    let ratio = |i: usize, base: usize| {
-        let mut v: Vec<f64> = by_round.iter().map(|x| x[i].rps() / x[base].rps().max(1e-9)).collect();
-        median(&mut v)
-    };
+    let ratio = |i: usize, base: usize| median_over(&by_round, |x| x[i].rps() / x[base].rps().max(1e-9));
     println!();
     println!("| path | req/s (median round) | vs plain (median of per-round ratios) | p50 | p99 | p99.9 | errors |");
     println!("|---|---|---|---|---|---|---|");
@@ -459,14 +457,8 @@ pub async fn run(
     // The proxy's own cost per request: its threads' CPU time over the requests they served
     // (median round). At saturation this is what sets throughput, without the noise of how the
     // scheduler shared the two cores with wrk and the upstream in that round.
-    let cpu_med = |i: usize| {
-        let mut v: Vec<f64> = cpu_round.iter().map(|x| x[i]).collect();
-        median(&mut v)
-    };
-    let cpu_ratio = |i: usize, base: usize| {
-        let mut v: Vec<f64> = cpu_round.iter().map(|x| x[base] / x[i].max(1e-9)).collect();
-        median(&mut v)
-    };
+    let cpu_med = |i: usize| median_over(&cpu_round, |x| x[i]);
+    let cpu_ratio = |i: usize, base: usize| median_over(&cpu_round, |x| x[base] / x[i].max(1e-9));
     println!(
         "\nProxy threads' CPU per request, closed loop (median round; inverse ratio = throughput the proxy's own cost allows): plain {:.1} µs, governed {:.1} µs ({:.2}× plain), governed + budget {:.1} µs ({:.2}× governed)",
         cpu_med(1),
@@ -503,33 +495,22 @@ pub async fn run(
         cpu.push(c);
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    // The median over rounds of a figure of target i, and of a difference between targets.
-    let med = |f: &dyn Fn(&[Stats], usize) -> f64, i: usize| {
-        let mut v: Vec<f64> = fixed.iter().map(|x| f(x, i)).collect();
-        median(&mut v)
-    };
-    let pct = |p: f64| move |x: &[Stats], i: usize| ms(x[i].pct(p));
-    let added = |p: f64, i: usize, base: usize| {
-        let mut v: Vec<f64> = fixed.iter().map(|x| ms(x[i].pct(p)) - ms(x[base].pct(p))).collect();
-        median(&mut v)
-    };
+    let pct = |x: &[Stats], i: usize, p: f64| ms(x[i].pct(p));
+    let added = |p: f64, i: usize, base: usize| median_over(&fixed, |x| pct(x, i, p) - pct(x, base, p));
     println!("| path | req/s | p50 | p99 | p99.9 | errors (all rounds) |");
     println!("|---|---|---|---|---|---|");
     for (i, t) in targets.iter().enumerate() {
         println!(
             "| {} | {:.0} | {:.2}ms | {:.2}ms | {:.2}ms | {} |",
             t.name,
-            med(&|x: &[Stats], i| x[i].rps(), i),
-            med(&pct(50.0), i),
-            med(&pct(99.0), i),
-            med(&pct(99.9), i),
+            median_over(&fixed, |x| x[i].rps()),
+            median_over(&fixed, |x| pct(x, i, 50.0)),
+            median_over(&fixed, |x| pct(x, i, 99.0)),
+            median_over(&fixed, |x| pct(x, i, 99.9)),
             fixed.iter().map(|x| x[i].errors + x[i].non_2xx).sum::<u64>()
         );
     }
-    let cpu_at = |i: usize| {
-        let mut v: Vec<f64> = cpu.iter().map(|x| x[i]).collect();
-        median(&mut v)
-    };
+    let cpu_at = |i: usize| median_over(&cpu, |x| x[i]);
     println!(
         "\nCPU per request at {rate} req/s (this process: generator, upstream, proxies, in-process Caracal; on SQLite incl. the embedded bus; median round): {}",
         targets
