@@ -577,11 +577,7 @@ async fn an_mtls_identity_is_a_workload_credential(b: Backend) {
     std::fs::write(dir.join("cert.pem"), &server.cert_pem).unwrap();
     std::fs::write(dir.join("key.pem"), &server.key_pem).unwrap();
     std::fs::write(dir.join("sts-ca.pem"), server_ca.pem()).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = caracal_shared::testing::free_port();
     let d2 = dir.clone();
     let env = start(b, move |c| {
         c.sts.tls_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());

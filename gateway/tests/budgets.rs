@@ -225,11 +225,7 @@ async fn two_gateways_never_overspend(b: Backend) {
     // Room for 3 calls in flight at their worst case (plus the probe's spend).
     let limit = 3 * worst(50) + 40;
     let Some(t) = setup(b, limit, |_| {}).await else { return };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = caracal_shared::testing::free_port();
     let proxy2: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let admin2 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gw2 = caracal_gateway::start_with(t.env.rt.clone(), proxy2, admin2, t.env.resolver.clone())
@@ -442,11 +438,7 @@ async fn a_dead_gateways_lease_returns_after_expiry() {
     cfg.gateway.budget_lease_ttl = Duration::from_secs(1);
     let sd = caracal_shared::shutdown::Shutdown::new();
     let rt2 = caracal_shared::runtime::Runtime::start(cfg, sd.clone()).await.unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = caracal_shared::testing::free_port();
     let proxy2: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let admin2 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gw2 = caracal_gateway::start_with(rt2, proxy2, admin2, t.env.resolver.clone())

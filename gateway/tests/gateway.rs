@@ -816,11 +816,7 @@ print(r.status_code, r.json()["error"]["code"])
 }
 
 async fn sidecar_mode(b: Backend) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = caracal_shared::testing::free_port();
     let Some(env) = start(b, move |c| {
         c.gateway.sidecars = vec![caracal_shared::config::SidecarConfig {
             listen: format!("127.0.0.1:{port}"),
@@ -929,11 +925,7 @@ async fn mtls_listener_takes_client_certificates(b: Backend) {
         write("key.pem", &server.key_pem),
         write("server-ca.pem", &server_ca.pem()),
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = caracal_shared::testing::free_port();
     let (c2, k2) = (cert.clone(), key.clone());
     let Some(env) = start(b, move |c| {
         c.gateway.tls_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());

@@ -589,3 +589,38 @@ pub mod pki {
         }
     }
 }
+
+/// A loopback TCP port free now, for a listener bound later by its address (Pingora binds its
+/// own listeners, the CLI and the STS take addresses from their config). It is chosen *below*
+/// the kernel's ephemeral range: a port from binding `:0` lies inside that range, and the
+/// outgoing connections of tests running meanwhile can take it before the listener binds.
+/// Ports handed out in this process are not handed out again.
+pub fn free_port() -> u16 {
+    use std::hash::BuildHasher;
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let bind_any = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind a loopback port")
+    };
+    if ephemeral_low <= 12_000 {
+        return bind_any();
+    }
+    let (from, span) = (10_000u16, ephemeral_low - 10_000);
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    let seed = std::collections::hash_map::RandomState::new();
+    for attempt in 0u32..1000 {
+        let port = from + (seed.hash_one(attempt) % u64::from(span)) as u16;
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    bind_any()
+}

@@ -619,11 +619,7 @@ async fn mtls_subjects_on_the_tls_listener(b: Backend) {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("cert.pem"), &server.cert_pem).unwrap();
     std::fs::write(dir.join("key.pem"), &server.key_pem).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = caracal_shared::testing::free_port();
     let d2 = dir.clone();
     let Some(env) = start(b, move |c| {
         c.sts.tls_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());

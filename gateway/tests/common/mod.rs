@@ -344,11 +344,7 @@ pub async fn start_with_bus(
     )
     .await;
 
-    let proxy_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let proxy_port = caracal_shared::testing::free_port();
     let proxy: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();
     let admin_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_addr = admin_l.local_addr().unwrap();
