@@ -109,11 +109,7 @@ impl ProxyHttp for Plain {
 }
 
 fn plain_proxy(upstream: SocketAddr, threads: usize) -> SocketAddr {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = caracal_shared::testing::free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let dir = std::env::temp_dir().join(format!("caracal-bench-plain-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -241,6 +237,31 @@ fn row(name: &str, s: &Stats, vs: Option<f64>) -> String {
     )
 }
 
+/// Every target once per round for `rounds` rounds, the order rotating by one each round (so
+/// no target always runs first or after the same one): `one(i)` measures target `i` and gives
+/// its stats and a CPU figure; `done(round, stats, cpu)` sees each round as it ends. Returns
+/// both per round, per target.
+async fn rotating(
+    rounds: usize,
+    n: usize,
+    one: impl AsyncFn(usize) -> (Stats, f64),
+    done: impl Fn(usize, &[Stats], &[f64]),
+) -> (Vec<Vec<Stats>>, Vec<Vec<f64>>) {
+    let (mut stats, mut cpu) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+    for r in 0..rounds {
+        let mut this: Vec<Option<(Stats, f64)>> = (0..n).map(|_| None).collect();
+        for k in 0..n {
+            let i = (k + r) % n;
+            this[i] = Some(one(i).await);
+        }
+        let (s, c): (Vec<Stats>, Vec<f64>) = this.into_iter().map(|x| x.expect("every target ran")).unzip();
+        done(r, &s, &c);
+        stats.push(s);
+        cpu.push(c);
+    }
+    (stats, cpu)
+}
+
 /// The median over rounds of `f(round)`.
 fn median_over<T>(rounds: &[T], f: impl Fn(&T) -> f64) -> f64 {
     let mut v: Vec<f64> = rounds.iter().map(f).collect();
@@ -303,11 +324,7 @@ pub async fn run(
     .await;
     let mandate = sys.mandate(&key).await;
 
-    let proxy_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let proxy_port = caracal_shared::testing::free_port();
     let proxy: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_addr = admin.local_addr().unwrap();
@@ -399,12 +416,10 @@ pub async fn run(
         if use_wrk { "wrk -t1" } else { "in-process generator" }
     );
     // by_round[r][i]: target i in round r; cpu_round[r][i]: its proxy threads' CPU per request (µs).
-    let mut by_round: Vec<Vec<Stats>> = Vec::new();
-    let mut cpu_round: Vec<Vec<f64>> = Vec::new();
-    for r in 0..rounds {
-        let mut this: Vec<Option<(Stats, f64)>> = (0..targets.len()).map(|_| None).collect();
-        for k in 0..targets.len() {
-            let i = (k + r) % targets.len();
+    let (by_round, cpu_round) = rotating(
+        rounds,
+        targets.len(),
+        async |i| {
             let t = &targets[i];
             let before = t.threads.map(threads_cpu);
             let s = if use_wrk {
@@ -416,28 +431,28 @@ pub async fn run(
                 (Some(p), Some(b)) => (threads_cpu(p) - b).as_secs_f64() * 1e6 / s.requests.max(1) as f64,
                 _ => f64::NAN,
             };
-            this[i] = Some((s, per_req));
-        }
-        let (this, cpu): (Vec<Stats>, Vec<f64>) = this.into_iter().map(|s| s.expect("every target ran")).unzip();
-        println!(
-            "round {}: {}",
-            r + 1,
-            targets
-                .iter()
-                .zip(this.iter().zip(&cpu))
-                .map(|(t, (s, c))| {
-                    if c.is_nan() {
-                        format!("{} {:.0}", t.name, s.rps())
-                    } else {
-                        format!("{} {:.0} ({c:.1} µs)", t.name, s.rps())
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        by_round.push(this);
-        cpu_round.push(cpu);
-    }
+            (s, per_req)
+        },
+        |r, this, cpu| {
+            println!(
+                "round {}: {}",
+                r + 1,
+                targets
+                    .iter()
+                    .zip(this.iter().zip(cpu))
+                    .map(|(t, (s, c))| {
+                        if c.is_nan() {
+                            format!("{} {:.0}", t.name, s.rps())
+                        } else {
+                            format!("{} {:.0} ({c:.1} µs)", t.name, s.rps())
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        },
+    )
+    .await;
     // Each target's median round (for its latency figures), and median per-round ratios.
     let full: Vec<Stats> = (0..targets.len())
         .map(|i| {
@@ -472,12 +487,10 @@ pub async fn run(
         "\nLatency at a fixed {rate} req/s, open loop, 16 connections, {seconds}s per target per round, {rounds} rounds in rotating order (each figure the median over the rounds):\n"
     );
     // fixed[r][i]: target i in round r; cpu[r][i]: this whole process's CPU per request.
-    let mut fixed: Vec<Vec<Stats>> = Vec::new();
-    let mut cpu: Vec<Vec<f64>> = Vec::new();
-    for r in 0..rounds {
-        let mut this: Vec<Option<(Stats, f64)>> = (0..targets.len()).map(|_| None).collect();
-        for k in 0..targets.len() {
-            let i = (k + r) % targets.len();
+    let (fixed, cpu) = rotating(
+        rounds,
+        targets.len(),
+        async |i| {
             let t = &targets[i];
             // CPU time of this whole process per request at the same offered rate: the load
             // generator, the upstream, the proxies and the in-process Caracal system (the
@@ -488,12 +501,11 @@ pub async fn run(
             let before = process_cpu();
             let s = open_loop(t.connect, 16, rate, Duration::from_secs(seconds), t.make()).await;
             let c = (process_cpu() - before).as_secs_f64() * 1e6 / (s.requests.max(1) as f64);
-            this[i] = Some((s, c));
-        }
-        let (this, c): (Vec<Stats>, Vec<f64>) = this.into_iter().map(|s| s.expect("every target ran")).unzip();
-        fixed.push(this);
-        cpu.push(c);
-    }
+            (s, c)
+        },
+        |_, _, _| {},
+    )
+    .await;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let pct = |x: &[Stats], i: usize, p: f64| ms(x[i].pct(p));
     let added = |p: f64, i: usize, base: usize| median_over(&fixed, |x| pct(x, i, p) - pct(x, base, p));

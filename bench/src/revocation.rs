@@ -101,11 +101,7 @@ pub async fn run(store: Store, iterations: usize) {
         let grt = Runtime::start((*sys.rt.config).clone(), gsd.clone())
             .await
             .expect("runtime");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = caracal_shared::testing::free_port();
         let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         gws.push(
