@@ -442,37 +442,93 @@ pub fn methods_to_regex(list: &[String]) -> String {
 /// The regex that matches everything (including the empty string: an absent model or tool).
 pub const ANY: &str = ".*";
 
-/// A compiled regex with a fast path for "anything".
+/// A compiled regex with fast paths for "anything" and for what policy globs and method
+/// lists compile to: an anchored list of literals and literal prefixes (`^(?:/a/b|/v1/.*)$`),
+/// matched without the regex engine (identical results: see the tests).
 #[derive(Debug, Clone)]
 pub struct Pattern {
     source: String,
-    re: Option<Regex>,
+    m: Matcher,
+}
+
+#[derive(Debug, Clone)]
+enum Matcher {
+    Any,
+    /// Alternatives: a literal, matched whole, or (`true`) a prefix followed by `.*`.
+    Literals(Box<[(Box<str>, bool)]>),
+    Re(Regex),
+}
+
+/// The alternatives of `^(?:a|b.*|...)$` when each is a literal, optionally followed by `.*`;
+/// `None` for anything else (left to the regex engine).
+fn literal_alternatives(src: &str) -> Option<Vec<(Box<str>, bool)>> {
+    const META: &str = "\\.+*?()|[]{}^$#&-~";
+    let body = src.strip_prefix("^(?:")?.strip_suffix(")$")?;
+    let mut alts = Vec::new();
+    let mut lit = String::new();
+    let mut prefix = false;
+    let mut chars = body.chars().peekable();
+    loop {
+        let c = chars.next();
+        if prefix && !matches!(c, None | Some('|')) {
+            return None;
+        }
+        match c {
+            None | Some('|') => {
+                alts.push((std::mem::take(&mut lit).into_boxed_str(), prefix));
+                prefix = false;
+                if c.is_none() {
+                    return Some(alts);
+                }
+            }
+            Some('\\') => match chars.next() {
+                Some(e) if META.contains(e) => lit.push(e),
+                _ => return None,
+            },
+            Some('.') if chars.peek() == Some(&'*') => {
+                chars.next();
+                prefix = true;
+            }
+            Some(c) if META.contains(c) => return None,
+            Some(c) => lit.push(c),
+        }
+    }
 }
 
 impl Pattern {
     pub fn new(source: &str) -> Result<Pattern, String> {
-        if source == ANY {
-            return Ok(Pattern {
-                source: source.to_string(),
-                re: None,
-            });
-        }
-        let re = regex::RegexBuilder::new(source)
-            .size_limit(1 << 20)
-            .dfa_size_limit(1 << 20)
-            .build()
-            .map_err(|e| format!("invalid pattern: {e}"))?;
+        let m = if source == ANY {
+            Matcher::Any
+        } else if let Some(alts) = literal_alternatives(source) {
+            Matcher::Literals(alts.into_boxed_slice())
+        } else {
+            Matcher::Re(
+                regex::RegexBuilder::new(source)
+                    .size_limit(1 << 20)
+                    .dfa_size_limit(1 << 20)
+                    .build()
+                    .map_err(|e| format!("invalid pattern: {e}"))?,
+            )
+        };
         Ok(Pattern {
             source: source.to_string(),
-            re: Some(re),
+            m,
         })
     }
 
     #[inline]
     pub fn matches(&self, s: &str) -> bool {
-        match &self.re {
-            None => true,
-            Some(r) => r.is_match(s),
+        match &self.m {
+            Matcher::Any => true,
+            // `.` does not match a line feed; `$` is the end of the text.
+            Matcher::Literals(alts) => alts.iter().any(|(lit, prefix)| {
+                if *prefix {
+                    s.strip_prefix(&**lit).is_some_and(|rest| !rest.contains('\n'))
+                } else {
+                    s == &**lit
+                }
+            }),
+            Matcher::Re(r) => r.is_match(s),
         }
     }
 
@@ -738,6 +794,84 @@ rules:
     effect: deny
     paths: ["/v1/admin/**"]
 "#;
+
+    /// The literal fast path decides exactly as the regex engine does, for what globs and
+    /// method lists compile to and for hand-written regexes that only look similar.
+    #[test]
+    fn literal_patterns_match_as_the_regex_would() {
+        let globs = |g: &[&str], k| globs_to_regex(&g.iter().map(|s| s.to_string()).collect::<Vec<_>>(), k);
+        let sources = [
+            globs(&["/v1/**"], GlobKind::Path),
+            globs(&["/v1/chat/completions", "/v1/batches/**", "/"], GlobKind::Path),
+            globs(&["/v1/files/*"], GlobKind::Path),
+            globs(&["/a.b/c+d(e)/**", "/x-y~z#&/**"], GlobKind::Path),
+            globs(&["api.openai.com", "*.example.com"], GlobKind::Host),
+            globs(&["gpt-4o*", "o1"], GlobKind::Name),
+            methods_to_regex(&["get".into(), "POST".into()]),
+            "^(?:/v1/.*)$".into(),
+            "^(?:/v1/.+)$".into(),
+            "^(?:/v1/.*x)$".into(),
+            "^(?:\\d+)$".into(),
+            "^(?:a|)$".into(),
+            "^(?:)$".into(),
+            "^(?:é/.*)$".into(),
+            "^(?:a(b)c)$".into(),
+            "/v1/.*".into(),
+            "^(?:a)$|^(?:b)$".into(),
+        ];
+        let inputs = [
+            "",
+            "/",
+            "/v1",
+            "/v1/",
+            "/v1/models",
+            "/v1/a/b",
+            "/v1/\nx",
+            "/v1/x\n",
+            "/v2/models",
+            "/v1/chat/completions",
+            "/v1/chat/completions/",
+            "/v1/batches",
+            "/v1/batches/1",
+            "/v1/files/a",
+            "/v1/files/a/b",
+            "/a.b/c+d(e)/q",
+            "/aXb/c+d(e)/q",
+            "/x-y~z#&/1",
+            "api.openai.com",
+            "API.openai.com",
+            "a.example.com",
+            "a.b.example.com",
+            "example.com",
+            "gpt-4o",
+            "gpt-4o-mini",
+            "o1",
+            "o1-mini",
+            "GET",
+            "POST",
+            "get",
+            "PUT",
+            "a",
+            "b",
+            "ab",
+            "123",
+            "é/x",
+            "abc",
+            "x/v1/y",
+        ];
+        for src in &sources {
+            let fast = Pattern::new(src).unwrap();
+            let re = regex::Regex::new(src).unwrap();
+            for i in inputs {
+                assert_eq!(fast.matches(i), re.is_match(i), "pattern {src:?} on {i:?}");
+            }
+        }
+        // What the compilers emit takes the fast path; the rest stays with the regex engine.
+        assert!(matches!(Pattern::new(&sources[1]).unwrap().m, Matcher::Literals(_)));
+        assert!(matches!(Pattern::new(&sources[6]).unwrap().m, Matcher::Literals(_)));
+        assert!(matches!(Pattern::new(&sources[2]).unwrap().m, Matcher::Re(_)));
+        assert!(matches!(Pattern::new("^(?:/v1/.+)$").unwrap().m, Matcher::Re(_)));
+    }
 
     #[test]
     fn decisions_follow_rules_and_deny_wins() {
