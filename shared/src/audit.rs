@@ -35,7 +35,6 @@ pub const BATCH_KIND: &str = "audit.batch";
 /// One queued event: its body as JSON text, or a record the publisher serialises (the batch
 /// is checked for UTF-8 once, by the publisher, off the caller's path).
 struct Pending {
-    id: EventId,
     kind: &'static str,
     tenant: Option<TenantId>,
     ts: Micros,
@@ -121,8 +120,11 @@ fn batch_envelope(items: &[Pending]) -> Envelope {
         if i > 0 {
             body.push(b',');
         }
+        // The event's id is made here, on the publisher's thread, not by the emitter (a v7
+        // id takes the clock and the random generator: the gateway's request path is spared).
+        let event_id = EventId::new();
         body.extend_from_slice(b"{\"id\":\"");
-        body.extend_from_slice(p.id.encode(&mut id).as_bytes());
+        body.extend_from_slice(event_id.encode(&mut id).as_bytes());
         body.extend_from_slice(b"\",\"kind\":");
         let _ = serde_json::to_writer(&mut body, p.kind);
         if let Some(t) = p.tenant {
@@ -139,7 +141,7 @@ fn batch_envelope(items: &[Pending]) -> Envelope {
                     // Plain data structs do not fail to serialise; were one to, the event still
                     // stands (id, kind, time) and says why its content is missing.
                     body.truncate(at);
-                    tracing::error!(event = %p.id, kind = p.kind, error = %e, "an audit record could not be serialised");
+                    tracing::error!(event = %event_id, kind = p.kind, error = %e, "an audit record could not be serialised");
                     body.extend_from_slice(br#"{"error":"the record could not be serialised"}"#);
                 }
             }
@@ -229,7 +231,6 @@ impl AuditEmitter {
 
     fn queue(&self, kind: &'static str, tenant: Option<TenantId>, body: Body) -> Result<()> {
         let p = Pending {
-            id: EventId::new(),
             kind,
             tenant,
             ts: now_micros(),
@@ -319,21 +320,18 @@ mod tests {
         let t = TenantId::new();
         let items = vec![
             Pending {
-                id: EventId::new(),
                 kind: "decision",
                 tenant: Some(t),
                 ts: 5,
                 body: Body::Json(br#"{"a":1}"#.to_vec()),
             },
             Pending {
-                id: EventId::new(),
                 kind: "mint \"x\"",
                 tenant: None,
                 ts: 6,
                 body: Body::Json(b"[1,2]".to_vec()),
             },
             Pending {
-                id: EventId::new(),
                 kind: "metering",
                 tenant: Some(t),
                 ts: 7,
@@ -354,7 +352,8 @@ mod tests {
         };
         let out = expand(ev);
         assert_eq!(out.len(), 3);
-        assert_eq!(out[0].id, items[0].id);
+        // Every event has its own id.
+        assert!(out[0].id != out[1].id && out[1].id != out[2].id && out[0].id != out[2].id);
         assert_eq!(
             (out[0].kind.as_str(), out[0].tenant, out[0].ts),
             ("decision", Some(t), 5)
