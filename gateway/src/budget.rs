@@ -13,7 +13,7 @@
 //! talks to the ledger while the others wait for its lease (an async mutex held across the
 //! ledger call, on the slow path only).
 
-use std::collections::HashMap;
+use caracal_shared::FastMap as HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -183,9 +183,9 @@ impl Budgets {
         let _ = registry.register(Box::new(spent_total.clone()));
         Arc::new(Budgets {
             ledger,
-            windows: Mutex::new(HashMap::new()),
-            leases: Mutex::new(HashMap::new()),
-            grants: Mutex::new(HashMap::new()),
+            windows: Mutex::new(HashMap::default()),
+            leases: Mutex::new(HashMap::default()),
+            grants: Mutex::new(HashMap::default()),
             ttl,
             reserved_local: reservations.with_label_values(&["local"]),
             reserved_ledger: reservations.with_label_values(&["ledger"]),

@@ -6,7 +6,7 @@
 //! minute regardless). Keys reload on key events and on an unknown key id. Nothing here does a
 //! database or network round trip per request in the common case.
 
-use std::collections::HashMap;
+use caracal_shared::FastMap as HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -80,7 +80,8 @@ pub struct ResourceEntry {
 /// name (no allocation, no async cache machinery on the hot path).
 pub struct DnsCache {
     ttl: Duration,
-    hosts: RwLock<HashMap<String, Vec<DnsAnswer>>>,
+    /// Keyed by names requests choose (wildcard resources): SipHash, not [`HashMap`].
+    hosts: RwLock<std::collections::HashMap<String, Vec<DnsAnswer>>>,
 }
 
 /// `(port, valid until, checked address)`.
@@ -93,7 +94,7 @@ impl DnsCache {
     pub fn new(ttl: Duration) -> DnsCache {
         DnsCache {
             ttl,
-            hosts: RwLock::new(HashMap::new()),
+            hosts: RwLock::new(std::collections::HashMap::new()),
         }
     }
 
@@ -330,10 +331,10 @@ pub struct Gateway {
     /// This gateway's id, shared with the audit events it records.
     pub gateway_id: Arc<str>,
     pub snapshot: RwLock<Arc<Snapshot>>,
-    keys: RwLock<Arc<HashMap<u32, PublicKey>>>,
+    keys: RwLock<Arc<std::collections::HashMap<u32, PublicKey>>>,
     keys_reloaded: std::sync::Mutex<Instant>,
     /// Verified mandates, keyed by [`token_key`] (a hit is confirmed against the whole token).
-    pub mandates: moka::sync::Cache<[u8; 32], Arc<Cached>>,
+    pub mandates: moka::sync::Cache<[u8; 32], Arc<Cached>, foldhash::fast::RandomState>,
     pub exchanged: moka::future::Cache<[u8; 32], Arc<Cached>>,
     pub revocations: RevocationSet,
     pub audit: AuditEmitter,
@@ -377,14 +378,15 @@ impl Gateway {
         });
         Ok(Gateway {
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
-            keys: RwLock::new(Arc::new(HashMap::new())),
+            keys: RwLock::new(Arc::new(std::collections::HashMap::new())),
             keys_reloaded: std::sync::Mutex::new(Instant::now() - Duration::from_secs(60)),
             mandates: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(
                     caracal_shared::store::policies::MAX_MANDATE_LIFETIME_SECS as u64,
                 ))
-                .build(),
+                // Keys are token endings, inserted only once the token verified.
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             exchanged: moka::future::Cache::builder().max_capacity(100_000).build(),
             revocations: RevocationSet::new(cfg.revocation_staleness),
             audit,
@@ -476,7 +478,7 @@ impl Gateway {
 
     pub async fn reload_keys(&self) -> Result<()> {
         let keys = self.rt.store.signing_keys().await?;
-        let mut set = HashMap::new();
+        let mut set = std::collections::HashMap::new();
         for k in caracal_shared::keys::published(&keys) {
             set.insert(k.kid, caracal_shared::mandate::public_key_from_str(&k.public_key)?);
         }

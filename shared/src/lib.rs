@@ -36,3 +36,10 @@ pub mod time;
 pub mod tls;
 
 pub use error::{Error, ErrorCode, Result};
+
+/// A hash map for the gateway's per-request lookups by id (resources, policies, tenants,
+/// budget windows, rate-limit buckets): foldhash instead of SipHash, which cost several
+/// hundred instructions per lookup on the request path. Its seeds come from address-space
+/// layout, not a secret, so it is no defence against chosen colliding keys: use it only for
+/// keys the control plane or a verified mandate put there, never for names a request chooses.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

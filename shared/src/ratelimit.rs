@@ -2,7 +2,6 @@
 //! (source, client) pair so that failed attempts from one source cannot lock out a known
 //! client connecting from elsewhere). Idle buckets are evicted.
 
-use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -33,7 +32,7 @@ struct Inner<K> {
 }
 
 struct Map<K> {
-    buckets: HashMap<K, Arc<Mutex<Bucket>>>,
+    buckets: crate::FastMap<K, Arc<Mutex<Bucket>>>,
     /// Size at which idle buckets are next swept (amortised: sweeps happen on insertion only).
     sweep_at: usize,
 }
@@ -50,7 +49,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> RateLimiter<K> {
                 burst,
                 idle,
                 buckets: RwLock::new(Map {
-                    buckets: HashMap::new(),
+                    buckets: crate::FastMap::default(),
                     sweep_at: 1024,
                 }),
             }),
