@@ -101,7 +101,7 @@ pub async fn respond_error(
     Ok(())
 }
 
-const X_REQUEST_ID: &str = "x-request-id";
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 fn request_id(req: &RequestHeader) -> Arc<str> {
     match req.headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
@@ -202,11 +202,44 @@ fn forward_target(base: Option<&str>, path: &str, query: Option<&str>, injected:
     out
 }
 
-/// Header edits applied to the upstream request, whichever way it is sent.
-enum Edit {
-    Remove(HeaderName),
-    Set(HeaderName, HeaderValue),
+/// Append to `to` every header of `from` that `drop` does not name (values in order).
+fn copy_kept(from: &http::HeaderMap, to: &mut http::HeaderMap, drop: impl Fn(&HeaderName) -> bool) {
+    for (name, value) in from {
+        if !drop(name) {
+            to.append(name.clone(), value.clone());
+        }
+    }
 }
+
+/// [`copy_kept`], taking the headers (no value is copied).
+fn move_kept(from: http::HeaderMap, to: &mut http::HeaderMap, drop: impl Fn(&HeaderName) -> bool) {
+    let mut current: Option<HeaderName> = None;
+    for (name, value) in from {
+        // The name comes with the first of its values only.
+        if let Some(n) = name {
+            current = Some(n);
+        }
+        if let Some(n) = &current
+            && !drop(n)
+        {
+            to.append(n.clone(), value);
+        }
+    }
+}
+
+/// Request headers that never go upstream: the caller's authority and hop-by-hop fields
+/// (`Connection` and what it names are handled by Pingora and the forwarder).
+const STRIPPED: [HeaderName; 7] = [
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("x-caracal-mandate"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+const X_CARACAL_MANDATE: HeaderName = HeaderName::from_static("x-caracal-mandate");
 
 impl Proxy {
     fn proxy_auth(&self) -> bool {
@@ -214,15 +247,18 @@ impl Proxy {
     }
 
     fn secret<'a>(&self, req: &'a RequestHeader, tunnel: Option<&'a TunnelCtx>) -> Option<Cow<'a, str>> {
-        let get = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
+        // UTF-8 is all the credential parsers need (a cached token is compared byte for byte;
+        // anything else is parsed and verified), and it is checked faster than `to_str`'s
+        // visible-ASCII rule over a 2 KB mandate.
+        let get = |n: &HeaderName| req.headers.get(n).and_then(|v| std::str::from_utf8(v.as_bytes()).ok());
         match self.mode {
             // Inside an intercepted tunnel the CONNECT's credential applies.
-            Mode::Forward => get("proxy-authorization")
+            Mode::Forward => get(&header::PROXY_AUTHORIZATION)
                 .and_then(credential)
                 .or_else(|| tunnel.and_then(|t| t.secret.as_deref().map(Cow::Borrowed))),
-            Mode::Sidecar { .. } => get("x-caracal-mandate")
+            Mode::Sidecar { .. } => get(&X_CARACAL_MANDATE)
                 .map(|s| Cow::Borrowed(s.trim()))
-                .or_else(|| get("authorization").and_then(credential)),
+                .or_else(|| get(&header::AUTHORIZATION).and_then(credential)),
         }
     }
 
@@ -495,22 +531,19 @@ impl Proxy {
         only_host_is(&mut hosts, &d.upstream_host, port)
     }
 
-    /// The header edits of the upstream request, handed to `edit` one by one (no list is
-    /// built). `host_ok`: the request's `Host` is already right (see [`Self::host_ok`]).
-    fn edits(&self, d: &Decision, request_id: &str, host_ok: bool, mut edit: impl FnMut(Edit)) {
-        edit(Edit::Remove(header::PROXY_AUTHORIZATION));
-        edit(Edit::Remove(HeaderName::from_static("proxy-connection")));
-        edit(Edit::Remove(HeaderName::from_static("x-caracal-mandate")));
-        edit(Edit::Remove(HeaderName::from_static("keep-alive")));
-        edit(Edit::Remove(header::TE));
-        edit(Edit::Remove(header::TRAILER));
-        edit(Edit::Remove(header::UPGRADE));
-        if matches!(self.mode, Mode::Sidecar { .. }) {
-            edit(Edit::Remove(header::AUTHORIZATION));
-        }
+    /// Whether a request header never goes upstream: the caller's authority (on a sidecar
+    /// also `Authorization`) and hop-by-hop fields.
+    fn stripped(&self, name: &HeaderName) -> bool {
+        STRIPPED.contains(name) || matches!(self.mode, Mode::Sidecar { .. }) && name == header::AUTHORIZATION
+    }
+
+    /// Add the gateway's upstream request headers to headers already stripped (see
+    /// [`Self::stripped`]): the resource's credential, `Host` (unless `host_ok`: already the
+    /// one to send, see [`Self::host_ok`]), `X-Request-Id` and this gateway's `Via` entry.
+    fn add_headers(&self, d: &Decision, request_id: &str, host_ok: bool, headers: &mut http::HeaderMap) {
         if let Injection::Header(name, value) = &d.resource.inject {
-            edit(Edit::Remove(name.clone()));
-            edit(Edit::Set(name.clone(), value.clone()));
+            // `insert` replaces every value the caller sent under that name.
+            headers.insert(name.clone(), value.clone());
         }
         if !host_ok {
             let default_port = if d.resource.https { 443 } else { 80 };
@@ -520,12 +553,14 @@ impl Proxy {
                 Some(p) => HeaderValue::from_str(&format!("{}:{p}", d.upstream_host)),
             };
             if let Ok(v) = value {
-                edit(Edit::Set(header::HOST, v));
+                headers.insert(header::HOST, v);
             }
         }
         if let Ok(v) = HeaderValue::from_str(request_id) {
-            edit(Edit::Set(HeaderName::from_static(X_REQUEST_ID), v));
+            headers.insert(X_REQUEST_ID, v);
         }
+        let via = self.via(headers.get(header::VIA));
+        headers.insert(header::VIA, via);
     }
 
     fn via(&self, existing: Option<&HeaderValue>) -> HeaderValue {
@@ -554,17 +589,11 @@ impl Proxy {
         let mut b = http::Request::builder()
             .method(req.method.clone())
             .uri(ctx.forward_target.as_str());
-        let mut headers = req.headers.clone();
-        self.edits(d, ctx.request_id(), false, |e| match e {
-            Edit::Remove(n) => {
-                headers.remove(n);
-            }
-            Edit::Set(n, v) => {
-                headers.insert(n, v);
-            }
+        let mut headers = http::HeaderMap::with_capacity(req.headers.len() + 4);
+        copy_kept(&req.headers, &mut headers, |n| {
+            self.stripped(n) || n == header::CONNECTION
         });
-        headers.remove(header::CONNECTION);
-        headers.insert(header::VIA, self.via(req.headers.get(header::VIA)));
+        self.add_headers(d, ctx.request_id(), false, &mut headers);
         if let Some(h) = b.headers_mut() {
             *h = headers;
         }
@@ -858,25 +887,21 @@ impl ProxyHttp for Proxy {
                 "no decision",
             ));
         };
+        // The headers are edited as a plain `http` map (Pingora's header type also keeps each
+        // name's original case in a second map, which made every edit cost two map updates
+        // and a name re-parse); header names go upstream in canonical case.
+        let mut parts: http::request::Parts =
+            std::mem::replace(up, RequestHeader::from(http::Request::new(()).into_parts().0)).into();
+        let host_ok = Self::host_ok(d, parts.headers.get_all(header::HOST).iter());
+        // Copied into a map sized for the additions (no removals, no regrowth).
+        let sent = std::mem::take(&mut parts.headers);
+        parts.headers = http::HeaderMap::with_capacity(sent.len() + 4);
+        move_kept(sent, &mut parts.headers, |n| self.stripped(n));
+        self.add_headers(d, ctx.request_id(), host_ok, &mut parts.headers);
+        let mut edited = RequestHeader::from(parts);
         // Parses the target into the request's URI too.
-        up.set_raw_path(ctx.forward_target.as_bytes())?;
-        let host_ok = Self::host_ok(d, up.headers.get_all(header::HOST).iter());
-        let mut failed = None;
-        self.edits(d, ctx.request_id(), host_ok, |e| match e {
-            Edit::Remove(n) => {
-                up.remove_header(&n);
-            }
-            Edit::Set(n, v) => {
-                if let Err(e) = up.insert_header(n, v) {
-                    failed = Some(e);
-                }
-            }
-        });
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        let via = self.via(up.headers.get(header::VIA));
-        up.insert_header(header::VIA, via)?;
+        edited.set_raw_path(ctx.forward_target.as_bytes())?;
+        *up = edited;
         Ok(())
     }
 
@@ -996,6 +1021,34 @@ mod tests {
             forward_target(None, "/v1", Some("key=mine&keys=2&key&q=key"), key),
             "/v1?keys=2&q=key&key=s3cret"
         );
+    }
+
+    #[test]
+    fn kept_headers_keep_every_value_in_order_and_dropped_ones_go() {
+        let mut h = http::HeaderMap::new();
+        h.append("accept", HeaderValue::from_static("a"));
+        h.append("proxy-authorization", HeaderValue::from_static("Bearer x"));
+        h.append("x-multi", HeaderValue::from_static("1"));
+        h.append("accept", HeaderValue::from_static("b"));
+        h.append("x-multi", HeaderValue::from_static("2"));
+        h.append("te", HeaderValue::from_static("trailers"));
+        let drop = |n: &HeaderName| STRIPPED.contains(n);
+        let mut copied = http::HeaderMap::new();
+        copy_kept(&h, &mut copied, drop);
+        let mut moved = http::HeaderMap::new();
+        move_kept(h, &mut moved, drop);
+        for m in [&copied, &moved] {
+            let all = |n: &str| {
+                m.get_all(n)
+                    .iter()
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(all("accept"), ["a", "b"]);
+            assert_eq!(all("x-multi"), ["1", "2"]);
+            assert!(m.get("proxy-authorization").is_none() && m.get("te").is_none());
+            assert_eq!(m.len(), 4);
+        }
     }
 
     #[test]
