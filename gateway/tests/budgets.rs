@@ -222,8 +222,11 @@ fn worst(max_tokens: i64) -> i64 {
 }
 
 async fn two_gateways_never_overspend(b: Backend) {
-    // Room for 3 calls in flight at their worst case (plus the probe's spend).
-    let limit = 3 * worst(50) + 40;
+    // Room for exactly 3 calls in flight at their worst case once the two probes (one per
+    // gateway, no usage reported: charged at their worst case) are paid. (It was `+ 40`, less
+    // than the probes' spend: only 2 fitted at once, and the test passed only when calls
+    // finished before the last ones reserved.)
+    let limit = 3 * worst(50) + 2 * worst(1);
     let Some(t) = setup(b, limit, |_| {}).await else { return };
     let port = caracal_shared::testing::free_port();
     let proxy2: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
