@@ -53,9 +53,11 @@ pub struct Ctx {
     /// Path and query to send upstream.
     forward_target: String,
     /// Budgets reserved for this request, settled when it ends.
-    reservation: Option<crate::budget::Reservation>,
+    /// (Boxed, as the scanner below: only budgeted requests have one, and every request's
+    /// context is moved with Pingora's futures.)
+    reservation: Option<Box<crate::budget::Reservation>>,
     /// Reads usage from the response as it streams by (when a budget needs it).
-    usage: Option<caracal_shared::metering::UsageScanner>,
+    usage: Option<Box<caracal_shared::metering::UsageScanner>>,
     /// The mandate was revoked while the request was in flight and the response was cut.
     revoked_in_flight: bool,
 }
@@ -512,7 +514,7 @@ impl Proxy {
                 .reserve(budgets, tenant, r.pricing.clone(), rfacts)
                 .await
                 .map_err(partial)?;
-            ctx.reservation = reservation;
+            ctx.reservation = reservation.map(Box::new);
         }
         Ok(Decision {
             mandate: c,
@@ -612,7 +614,7 @@ impl Proxy {
                         .get(header::CONTENT_TYPE)
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("");
-                    ctx.usage = Some(caracal_shared::metering::UsageScanner::new(ct));
+                    ctx.usage = Some(Box::new(caracal_shared::metering::UsageScanner::new(ct)));
                 }
                 let mut rh = ResponseHeader::build(parts.status, Some(parts.headers.len()))?;
                 for (k, v) in parts.headers.iter() {
@@ -908,7 +910,7 @@ impl ProxyHttp for Proxy {
     async fn logging(&self, _session: &mut Session, e: Option<&pingora::Error>, ctx: &mut Ctx) {
         self.gw.metrics.total.observe(ctx.started.elapsed().as_secs_f64());
         if let Some(r) = ctx.reservation.take() {
-            self.settle(r, ctx, e.is_some());
+            self.settle(*r, ctx, e.is_some());
         }
         if let Some(e) = e
             && ctx.decision.is_some()
@@ -933,7 +935,7 @@ impl ProxyHttp for Proxy {
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
-            ctx.usage = Some(caracal_shared::metering::UsageScanner::new(ct));
+            ctx.usage = Some(Box::new(caracal_shared::metering::UsageScanner::new(ct)));
         }
         Ok(())
     }
