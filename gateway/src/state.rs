@@ -288,6 +288,9 @@ pub fn token_key(token: &str) -> [u8; 32] {
 /// Source of [`Gateway::instance`].
 static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 
+/// A memo entry: gateway instance, cache key, the shared cache's entry.
+type MemoEntry = (u64, [u8; 32], Option<Arc<Cached>>);
+
 /// How many mandates each thread remembers in front of the shared cache.
 const RECENT: usize = 4;
 
@@ -299,7 +302,7 @@ thread_local! {
     /// revocation like any hit; an entry evicted from the shared cache lives on here until
     /// pushed out by newer ones, and nothing else removes entries from the shared cache
     /// before they expire.
-    static RECENT_MANDATES: std::cell::RefCell<[(u64, [u8; 32], Option<Arc<Cached>>); RECENT]> =
+    static RECENT_MANDATES: std::cell::RefCell<[MemoEntry; RECENT]> =
         const { std::cell::RefCell::new([const { (0, [0; 32], None) }; RECENT]) };
 }
 
