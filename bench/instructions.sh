@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Instructions per request on each proxy's worker thread (valgrind's callgrind counts
+# instructions, so the figure repeats run to run whatever else the machine is doing, unlike
+# the timed benchmark on a shared VM). Builds the benchmark like bench/run.sh, then runs one
+# closed-loop slice per target under callgrind:
+#
+#   bench/instructions.sh [seconds]        # default 20 s per target (a few thousand requests)
+#
+# Postgres and Redis must answer on 127.0.0.1 (`.ci/run` starts them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-20}"
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+missing=()
+for tool in wrk cmake valgrind; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+export CARACAL_TEST_DATABASE_URL="${CARACAL_TEST_DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
+export CARACAL_TEST_REDIS_URL="${CARACAL_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+target="${CARGO_TARGET_DIR:-target}"
+cargo build --release --locked -p caracal-bench
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+run() { # name, --only target, upstream_peer symbol
+  mkdir -p "$out/$1"
+  valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$out/$1/cg.out" \
+    "$target/release/caracal-bench" gateway --store postgres --seconds "$secs" --connections 16 \
+    --only "$2" >"$out/$1/bench.txt" 2>"$out/$1/valgrind.txt"
+  printf '%-28s ' "$2:"
+  python3 bench/cg_per_request.py "$out/$1"/cg.out-* "$3"
+}
+run plain "plain Pingora passthrough" "gateway::Plain as pingora_proxy::proxy_trait::ProxyHttp>::upstream_peer"
+run governed "governed gateway" "proxy::Proxy as pingora_proxy::proxy_trait::ProxyHttp>::upstream_peer"
+run budget "governed gateway + budget" "proxy::Proxy as pingora_proxy::proxy_trait::ProxyHttp>::upstream_peer"
