@@ -10,17 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-20}"
-SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-missing=()
-for tool in wrk cmake valgrind; do command -v "$tool" >/dev/null || missing+=("$tool"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-export CARACAL_TEST_DATABASE_URL="${CARACAL_TEST_DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
-export CARACAL_TEST_REDIS_URL="${CARACAL_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
-target="${CARGO_TARGET_DIR:-target}"
-cargo build --release --locked -p caracal-bench
+BENCH_TOOLS="wrk cmake valgrind"
+. bench/setup.sh
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 run() { # name, --only target, upstream_peer symbol

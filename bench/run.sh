@@ -11,15 +11,6 @@
 # Postgres and Redis must answer on 127.0.0.1 for `--store postgres` (`.ci/run` starts them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-missing=()
-for tool in wrk cmake; do command -v "$tool" >/dev/null || missing+=("$tool"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-export CARACAL_TEST_DATABASE_URL="${CARACAL_TEST_DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
-export CARACAL_TEST_REDIS_URL="${CARACAL_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
-target="${CARGO_TARGET_DIR:-target}"
-cargo build --release --locked -p caracal-bench
+BENCH_TOOLS="wrk cmake"
+. bench/setup.sh
 exec "$target/release/caracal-bench" "$@"
