@@ -224,17 +224,11 @@ impl Gateway {
         cert: Option<&PeerCert>,
         request_id: &str,
     ) -> Result<Arc<Cached>> {
-        if self.revocations.is_stale() {
-            return Err(Error::new(
-                ErrorCode::RevocationFeedStale,
-                "the revocation feed is stale; refusing everything until it recovers",
-            )
-            .with_retry_after(1));
-        }
+        self.feed_fresh()?;
         let c = match (secret, cert) {
             // The common case answers from the cache without entering an async path; the
             // others are boxed, so their (large) futures do not weigh on every request's.
-            (Some(secret), _) if mandate::is_mandate(secret) => match self.cached_mandate(secret) {
+            (Some(secret), _) if mandate::is_mandate(secret) => match self.cached_mandate(secret.as_bytes()) {
                 Some(c) => c,
                 None => Box::pin(self.verify_mandate(secret)).await?,
             },
@@ -255,6 +249,35 @@ impl Gateway {
                 ));
             }
         };
+        self.admit(c, secret.map(str::as_bytes))
+    }
+
+    /// [`Gateway::authenticate`] for a bearer token that is in the mandate cache, decided
+    /// from the raw bytes of the header (no UTF-8 validation: a hit is byte for byte a token
+    /// that was verified). `None` when it is not cached: the caller takes the full path,
+    /// which decides every credential this one does identically.
+    pub fn authenticate_cached(&self, token: &[u8]) -> Option<Result<Arc<Cached>>> {
+        if let Err(e) = self.feed_fresh() {
+            return Some(Err(e));
+        }
+        let c = self.cached_mandate(token)?;
+        Some(self.admit(c, Some(token)))
+    }
+
+    /// Step 1: a stale revocation feed refuses everything.
+    fn feed_fresh(&self) -> Result<()> {
+        if self.revocations.is_stale() {
+            return Err(Error::new(
+                ErrorCode::RevocationFeedStale,
+                "the revocation feed is stale; refusing everything until it recovers",
+            )
+            .with_retry_after(1));
+        }
+        Ok(())
+    }
+
+    /// The end of step 2: the mandate found for `secret` is still live.
+    fn admit(&self, c: Arc<Cached>, secret: Option<&[u8]>) -> Result<Arc<Cached>> {
         if c.m.claims.expires_at <= now_secs() {
             if let Some(secret) = secret {
                 self.mandates.invalidate(&crate::state::token_key(secret));

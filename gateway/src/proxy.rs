@@ -204,6 +204,15 @@ fn forward_target(base: Option<&str>, path: &str, query: Option<&str>, injected:
     out
 }
 
+/// The token of a `Bearer` authorization header, as [`credential`] would split it (the
+/// header trimmed, the scheme up to the first space, the rest trimmed), on raw bytes.
+fn raw_bearer(h: &[u8]) -> Option<&[u8]> {
+    let h = h.trim_ascii();
+    let sp = h.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = (&h[..sp], h[sp + 1..].trim_ascii());
+    (scheme.eq_ignore_ascii_case(b"bearer") && !rest.is_empty()).then_some(rest)
+}
+
 /// Append to `to` every header of `from` that `drop` does not name (values in order, moved).
 fn move_kept(from: http::HeaderMap, to: &mut http::HeaderMap, drop: impl Fn(&HeaderName) -> bool) {
     let mut current: Option<HeaderName> = None;
@@ -252,6 +261,24 @@ impl Proxy {
             Mode::Sidecar { .. } => get(&X_CARACAL_MANDATE)
                 .map(|s| Cow::Borrowed(s.trim()))
                 .or_else(|| get(&header::AUTHORIZATION).and_then(credential)),
+        }
+    }
+
+    /// The bearer token [`Proxy::secret`] would find, as raw header bytes — `None` where it
+    /// would find something else (a Basic credential, no credential). Only for the cache-hit
+    /// fast path: a hit means the bytes are a verified token, so `secret` would have found
+    /// the same one; anything else takes the full path.
+    fn raw_bearer<'a>(&self, req: &'a RequestHeader, tunnel: Option<&'a TunnelCtx>) -> Option<&'a [u8]> {
+        let get = |n: &HeaderName| req.headers.get(n).map(|v| v.as_bytes());
+        match self.mode {
+            Mode::Forward => match get(&header::PROXY_AUTHORIZATION) {
+                Some(h) => raw_bearer(h),
+                None => tunnel.and_then(|t| t.secret.as_deref().map(str::as_bytes)),
+            },
+            Mode::Sidecar { .. } => match get(&X_CARACAL_MANDATE) {
+                Some(h) => Some(h.trim_ascii()),
+                None => get(&header::AUTHORIZATION).and_then(raw_bearer),
+            },
         }
     }
 
@@ -390,6 +417,11 @@ impl Proxy {
         tunnel: Option<&TunnelCtx>,
         request_id: &str,
     ) -> Result<Arc<crate::state::Cached>, Error> {
+        if let Some(token) = self.raw_bearer(session.req_header(), tunnel)
+            && let Some(decided) = self.gw.authenticate_cached(token)
+        {
+            return decided;
+        }
         let secret = self.secret(session.req_header(), tunnel);
         let cert = crate::mtls::peer_cert_of(session.digest().and_then(|d| d.ssl_digest.as_deref()));
         self.gw
@@ -1002,6 +1034,50 @@ impl ProxyHttp for Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_bearer_finds_what_credential_finds_or_nothing() {
+        let cases: &[&[u8]] = &[
+            b"Bearer cm1.abc",
+            b"  bearer   cm1.abc  ",
+            b"BEARER\tcm1.abc",
+            b"Bearer",
+            b"Bearer   ",
+            b"Bearer a b",
+            b"Bearerx cm1.abc",
+            b"Basic dXNlcjpjbTEuYWJj",
+            b"cm1.abc",
+            b"",
+            b" Bearer cm1.abc\r\n",
+            b"Bearer cm1.abc\xc2\x85",
+            b"\xc2\xa0Bearer cm1.abc",
+        ];
+        for &h in cases {
+            let raw = raw_bearer(h);
+            let parsed = std::str::from_utf8(h).ok().and_then(credential);
+            match raw {
+                // What the raw path finds is what the parser finds; where they differ (Unicode
+                // whitespace the parser trims), the raw bytes are not a token and miss the cache.
+                Some(r) => match &parsed {
+                    Some(p) if p.as_bytes() == r => {}
+                    _ => assert!(
+                        std::str::from_utf8(r).is_err() || r.iter().any(|b| !b.is_ascii()),
+                        "{:?}: raw {:?} vs parsed {:?}",
+                        String::from_utf8_lossy(h),
+                        String::from_utf8_lossy(r),
+                        parsed
+                    ),
+                },
+                None => assert!(
+                    parsed.is_none() || !h.trim_ascii().to_ascii_lowercase().starts_with(b"bearer "),
+                    "{:?}",
+                    String::from_utf8_lossy(h)
+                ),
+            }
+        }
+        assert_eq!(raw_bearer(b"  bearer   cm1.abc  "), Some(&b"cm1.abc"[..]));
+        assert_eq!(raw_bearer(b"Basic dXNlcjpjbTEuYWJj"), None);
+    }
 
     #[test]
     fn forward_targets_keep_parameters_and_let_no_client_parameter_shadow_the_credential() {

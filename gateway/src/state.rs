@@ -277,8 +277,7 @@ pub struct Snapshot {
 /// The cache key of a mandate: its last 32 bytes (the end of the final block's signature and
 /// proof, unique to the token), so a lookup hashes 32 bytes, not kilobytes. Different tokens
 /// sharing an ending are told apart by [`Cached::token_matches`].
-pub fn token_key(token: &str) -> [u8; 32] {
-    let b = token.as_bytes();
+pub fn token_key(b: &[u8]) -> [u8; 32] {
     let mut k = [0u8; 32];
     let tail = &b[b.len().saturating_sub(32)..];
     k[32 - tail.len()..].copy_from_slice(tail);
@@ -327,8 +326,8 @@ impl Cached {
 
     /// Whether `token` is exactly the token this entry was verified from.
     #[inline]
-    pub fn token_matches(&self, token: &str) -> bool {
-        caracal_shared::crypto::ct_eq(self.token.as_bytes(), token.as_bytes())
+    pub fn token_matches(&self, token: &[u8]) -> bool {
+        caracal_shared::crypto::ct_eq(self.token.as_bytes(), token)
     }
 
     /// Revoked according to the set at its current generation.
@@ -524,9 +523,10 @@ impl Gateway {
         Ok(())
     }
 
-    /// Verify a mandate (once per token; cached until it expires).
-    /// The verified mandate of `token` if it is cached (counted as a cache hit).
-    pub fn cached_mandate(&self, token: &str) -> Option<Arc<Cached>> {
+    /// The verified mandate of `token` if it is cached (counted as a cache hit). Bytes, not
+    /// `str`: a hit is byte for byte a token that was verified (so valid UTF-8), and the
+    /// request path looks up the raw header before paying to validate 2 KB of it.
+    pub fn cached_mandate(&self, token: &[u8]) -> Option<Arc<Cached>> {
         let key = token_key(token);
         let c = match self.recent_mandate(&key) {
             Some(c) => c,
@@ -561,11 +561,12 @@ impl Gateway {
         })
     }
 
+    /// Verify a mandate (once per token; cached until it expires).
     pub async fn verify_mandate(&self, token: &str) -> Result<Arc<Cached>> {
-        if let Some(c) = self.cached_mandate(token) {
+        if let Some(c) = self.cached_mandate(token.as_bytes()) {
             return Ok(c);
         }
-        let key = token_key(token);
+        let key = token_key(token.as_bytes());
         self.metrics.cache_miss.inc();
         let now = now_secs();
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner()).clone();
