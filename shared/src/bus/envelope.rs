@@ -3,9 +3,12 @@
 //! Wire form: a JSON object (field `m` of the stream entry). Its MAC is HMAC-SHA256, with the
 //! bus key named by `kid`, over the **canonical encoding**: the length-prefixed sequence
 //! `"caracal-bus-v1", v, id, stream, kind, tenant, seq, ts, body` (absent values are empty).
-//! `body` is the exact JSON text of the payload, carried as a string, so no JSON
-//! re-serialisation can change what was signed. Binding `stream` stops a message signed for
-//! one stream from being replayed on another.
+//! `body` is the exact JSON text of the payload. On the wire it is carried either verbatim, as
+//! the JSON value it is (what this crate writes for bodies it built: no escaping on the way out
+//! or unescaping on the way in), or as a JSON string holding that text (what it writes for text
+//! it did not build, such as an outbox row's); a reader takes the text from either form, so no
+//! JSON re-serialisation can change what was signed. Binding `stream` stops a message signed
+//! for one stream from being replayed on another.
 //!
 //! [`BusAuth::verify`] refuses unsigned, malformed, unknown-key, forged, wrong-stream, too-old,
 //! from-the-future and replayed messages, and counts each refusal in a metric.
@@ -14,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use moka::sync::Cache;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::crypto::{KeyRing, b64url, b64url_decode};
@@ -25,7 +28,7 @@ use crate::time::{Micros, micros, now_micros};
 
 pub const VERSION: u8 = 1;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Envelope {
     pub v: u8,
@@ -39,11 +42,27 @@ pub struct Envelope {
     /// Producer time, microseconds since the epoch.
     pub ts: Micros,
     /// Exact JSON text of the payload.
+    #[serde(deserialize_with = "body_text")]
     pub body: String,
     #[serde(default)]
     pub kid: String,
     #[serde(default)]
     pub mac: String,
+    /// Whether `body` is known to be exactly one JSON value (this crate serialised it), so
+    /// [`Envelope::to_bytes`] can write it verbatim; otherwise it goes as a JSON string.
+    #[serde(skip)]
+    body_is_json: bool,
+}
+
+/// The body's JSON text from either wire form: a JSON string holding it, or the value itself.
+fn body_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+    let text = raw.get();
+    if text.starts_with('"') {
+        serde_json::from_str(text).map_err(serde::de::Error::custom)
+    } else {
+        Ok(text.to_owned())
+    }
 }
 
 /// A verified message, ready for a consumer.
@@ -63,7 +82,8 @@ pub struct Event {
 }
 
 impl Envelope {
-    /// An envelope whose body is already JSON text.
+    /// An envelope whose body is already JSON text: exactly one JSON value, which the caller
+    /// built (it is written verbatim into the message; see the module's documentation).
     pub fn with_body(stream: &str, kind: &str, tenant: Option<TenantId>, body: String) -> Self {
         Envelope {
             v: VERSION,
@@ -76,6 +96,7 @@ impl Envelope {
             body,
             kid: String::new(),
             mac: String::new(),
+            body_is_json: true,
         }
     }
 
@@ -91,6 +112,7 @@ impl Envelope {
             body: body.to_string(),
             kid: String::new(),
             mac: String::new(),
+            body_is_json: true,
         }
     }
 
@@ -106,6 +128,8 @@ impl Envelope {
             body: row.body.clone(),
             kid: String::new(),
             mac: String::new(),
+            // The database's text is carried as a string, whatever it holds.
+            body_is_json: false,
         }
     }
 
@@ -143,8 +167,43 @@ impl Envelope {
         self
     }
 
+    /// The message as it goes on the bus: a JSON object with the fields in declaration order,
+    /// the body verbatim when it is known to be one JSON value, else as a JSON string.
     pub fn to_bytes(&self) -> Bytes {
-        Bytes::from(serde_json::to_vec(self).expect("envelope serialises"))
+        use std::io::Write as _;
+        let body_room = if self.body_is_json {
+            self.body.len()
+        } else {
+            self.body.len() + self.body.len() / 4 + 2
+        };
+        let mut out = Vec::with_capacity(body_room + self.stream.len() + self.kind.len() + self.mac.len() + 160);
+        // Writing to a Vec cannot fail, and these values (integers, strings, ids) always
+        // serialise.
+        let _ = write!(out, "{{\"v\":{},\"id\":", self.v);
+        let _ = serde_json::to_writer(&mut out, &self.id);
+        out.extend_from_slice(b",\"stream\":");
+        let _ = serde_json::to_writer(&mut out, &self.stream);
+        out.extend_from_slice(b",\"kind\":");
+        let _ = serde_json::to_writer(&mut out, &self.kind);
+        if let Some(t) = &self.tenant {
+            out.extend_from_slice(b",\"tenant\":");
+            let _ = serde_json::to_writer(&mut out, t);
+        }
+        if let Some(seq) = self.seq {
+            let _ = write!(out, ",\"seq\":{seq}");
+        }
+        let _ = write!(out, ",\"ts\":{},\"body\":", self.ts);
+        if self.body_is_json {
+            out.extend_from_slice(self.body.as_bytes());
+        } else {
+            let _ = serde_json::to_writer(&mut out, &self.body);
+        }
+        out.extend_from_slice(b",\"kid\":");
+        let _ = serde_json::to_writer(&mut out, &self.kid);
+        out.extend_from_slice(b",\"mac\":");
+        let _ = serde_json::to_writer(&mut out, &self.mac);
+        out.push(b'}');
+        Bytes::from(out)
     }
 }
 
@@ -358,5 +417,53 @@ mod tests {
             .map(|r| a.metrics().rejected.with_label_values(&["s", r]).get())
             .sum();
         assert_eq!(rejected, 8);
+    }
+
+    #[test]
+    fn bodies_go_verbatim_or_as_strings_and_verify_the_same_either_way() {
+        let ring = KeyRing::generate("b1");
+        let a = auth(&ring);
+        let body = json!({"path": "/a\"b\\c", "n": [1, 2.5, null], "s": "é\u{1}"});
+        // Built here: the body is written as the JSON value it is, not escaped into a string.
+        let env = Envelope::new("s", "k", Some(TenantId::new()), &body).sign(&ring);
+        let verbatim = env.to_bytes();
+        let text = std::str::from_utf8(&verbatim).unwrap();
+        assert!(text.contains(&format!(",\"body\":{},\"kid\":", env.body)), "{text}");
+        let ev = a.verify("s", "1-0", Some(&verbatim), 1).unwrap();
+        assert_eq!(ev.body, body);
+        // The same signed message with its body carried as a string (as outbox rows are).
+        let mut as_string = env.clone();
+        as_string.body_is_json = false;
+        let quoted = as_string.to_bytes();
+        assert!(std::str::from_utf8(&quoted).unwrap().contains(",\"body\":\"{"));
+        let ev2 = auth(&ring).verify("s", "1-0", Some(&quoted), 1).unwrap();
+        assert_eq!((ev2.body, ev2.id, ev2.tenant), (body.clone(), ev.id, ev.tenant));
+        // Both are what serde would read back into the same envelope.
+        let back: Envelope = serde_json::from_slice(&verbatim).unwrap();
+        assert_eq!(
+            (back.body.as_str(), back.mac.as_str()),
+            (env.body.as_str(), env.mac.as_str())
+        );
+        // Editing the verbatim body breaks the MAC like editing a string body does.
+        let edited = text.replace("2.5", "3.5");
+        assert_eq!(
+            a.verify("s", "2-0", Some(edited.as_bytes()), 1).unwrap_err(),
+            Rejection::Forged
+        );
+        // Whitespace is part of the signed text too.
+        let spaced = text.replace("\"n\":[1,", "\"n\":[1, ");
+        assert_ne!(spaced, text);
+        assert_eq!(
+            a.verify("s", "3-0", Some(spaced.as_bytes()), 1).unwrap_err(),
+            Rejection::Forged
+        );
+        // An outbox row's text goes as a string whatever it holds, and comes back the same.
+        let row_text = "{\"a\": 1 }";
+        let mut from_db = Envelope::new("s", "k", None, &json!({}));
+        from_db.body = row_text.to_string();
+        from_db.body_is_json = false;
+        let from_db = from_db.sign(&ring);
+        let ev3 = auth(&ring).verify("s", "4-0", Some(&from_db.to_bytes()), 1).unwrap();
+        assert_eq!(ev3.body, json!({"a": 1}));
     }
 }
