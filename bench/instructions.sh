@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Instructions per request on each proxy's worker thread (valgrind's callgrind counts
 # instructions, so the figure repeats run to run whatever else the machine is doing, unlike
-# the timed benchmark on a shared VM). Builds the benchmark like bench/run.sh, then runs one
-# closed-loop slice per target under callgrind:
+# the timed benchmark on a shared VM), and in the audit publisher, which runs on the other core.
+# Builds the benchmark like bench/run.sh, then runs one closed-loop slice per target under
+# callgrind:
 #
 #   bench/instructions.sh [seconds]        # default 20 s per target (a few thousand requests)
 #
