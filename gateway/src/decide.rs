@@ -98,21 +98,26 @@ impl caracal_shared::audit::Record for DecisionEvent {
     /// the serde form, byte for byte.
     fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
         let claims = self.est.mandate.as_ref().map(|c| &c.m.claims);
+        // Ids are encoded into this buffer, one at a time (not through `Display`).
+        let mut id = [0u8; caracal_shared::ids::ID_TEXT_MAX];
         let mut o = caracal_shared::audit::JsonObject::new(out);
         o.str("type", "decision")
             .str("decision", if self.allow { "allow" } else { "deny" })
             .str("reason", self.reason)
             .str("kind", self.info.kind)
-            .str("mode", self.info.mode)
-            .opt_display("agent", claims.map(|c| c.agent))
-            .opt_display("mandate_id", claims.map(|c| c.mandate_id))
-            .opt_display("session", claims.and_then(|c| c.session))
-            .opt_display("resource", self.est.resource)
-            .opt_str("method", self.est.method.as_deref())
+            .str("mode", self.info.mode);
+        o.opt_str("agent", claims.map(|c| c.agent.encode(&mut id)));
+        o.opt_str("mandate_id", claims.map(|c| c.mandate_id.encode(&mut id)));
+        o.opt_str(
+            "session",
+            claims.and_then(|c| c.session).as_ref().map(|s| s.encode(&mut id)),
+        );
+        o.opt_str("resource", self.est.resource.as_ref().map(|r| r.encode(&mut id)));
+        o.opt_str("method", self.est.method.as_deref())
             .opt_str("host", self.est.host.as_deref())
             .opt_str("path", self.est.path.as_deref())
             .opt_str("rule", self.est.rule.as_deref())
-            .opt_display("source", self.info.source)
+            .opt_ip("source", self.info.source)
             .str("request_id", &self.info.request_id)
             .str("gateway", &self.gateway);
         if let Some(r) = self.est.reserved.as_deref() {

@@ -758,13 +758,13 @@ fn as_str<S: serde::Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
 
 impl caracal_shared::audit::Record for SettlementRecord {
     fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        let mut id = [0u8; caracal_shared::ids::ID_TEXT_MAX];
         let mut o = caracal_shared::audit::JsonObject::new(out);
-        o.str("type", self.kind_of)
-            .str("request_id", &self.request_id)
-            .opt_display("agent", Some(self.agent))
-            .opt_display("mandate_id", Some(self.mandate_id))
-            .opt_display("resource", Some(self.resource))
-            .str("model", &self.model);
+        o.str("type", self.kind_of).str("request_id", &self.request_id);
+        o.str("agent", self.agent.encode(&mut id));
+        o.str("mandate_id", self.mandate_id.encode(&mut id));
+        o.str("resource", self.resource.encode(&mut id));
+        o.str("model", &self.model);
         match &self.usage {
             Some(u) => o.serde("usage", u)?,
             None => o.null("usage"),

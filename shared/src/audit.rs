@@ -130,6 +130,32 @@ impl<'a> JsonObject<'a> {
         }
     }
 
+    /// An address as a JSON string (as `Display` writes it; IPv4 without the formatting
+    /// machinery, which cost ~1,000 instructions per address), or `null`.
+    pub fn opt_ip(&mut self, key: &'static str, value: Option<std::net::IpAddr>) -> &mut Self {
+        match value {
+            Some(std::net::IpAddr::V4(v4)) => {
+                let out = self.key(key);
+                out.push(b'"');
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b'.');
+                    }
+                    if octet >= 100 {
+                        out.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        out.push(b'0' + octet / 10 % 10);
+                    }
+                    out.push(b'0' + octet % 10);
+                }
+                out.push(b'"');
+                self
+            }
+            other => self.opt_display(key, other),
+        }
+    }
+
     pub fn bool(&mut self, key: &'static str, value: bool) -> &mut Self {
         self.key(key).extend_from_slice(if value { b"true" } else { b"false" });
         self
@@ -156,7 +182,9 @@ fn needs_escape(s: &str) -> bool {
 }
 
 fn needs_escape_bytes(b: &[u8]) -> bool {
-    b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\')
+    // Without an early exit, so the compiler checks 16 bytes at a time.
+    b.iter()
+        .fold(false, |found, &c| found | (c < 0x20) | (c == b'"') | (c == b'\\'))
 }
 
 /// `value` as a JSON string: copied when nothing in it needs escaping (the common case, checked
@@ -433,6 +461,55 @@ async fn publish_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_objects_are_written_as_serde_writes_them() {
+        use std::net::IpAddr;
+        let texts = [
+            "",
+            "plain",
+            "q\"uote",
+            "back\\slash",
+            "ctl\u{0}\u{1f}\n",
+            "del\u{7f}",
+            "é ü 🦀",
+        ];
+        let ips: Vec<IpAddr> = [
+            "0.0.0.0",
+            "9.10.99.100",
+            "255.255.255.255",
+            "127.0.0.1",
+            "::1",
+            "::ffff:10.0.0.1",
+            "fd00:ec2::254",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        for t in texts {
+            for ip in &ips {
+                let mut out = Vec::new();
+                let mut o = JsonObject::new(&mut out);
+                // Keys in sorted order, as `json!` (a sorted map here) writes them.
+                o.bool("b", t.is_empty())
+                    .opt_display("d", Some(t))
+                    .opt_ip("ip", Some(*ip))
+                    .opt_str("n", None)
+                    .opt_ip("none", None)
+                    .opt_str("o", Some(t))
+                    .str("s", t);
+                o.serde("v", &vec![t]).unwrap();
+                o.finish();
+                let expected = serde_json::json!({
+                    "s": t, "n": null, "o": t, "ip": ip, "none": null, "d": t, "b": t.is_empty(), "v": [t],
+                });
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    serde_json::to_string(&expected).unwrap()
+                );
+            }
+        }
+    }
 
     #[test]
     fn a_batch_expands_into_its_events() {
