@@ -49,25 +49,16 @@ enum Body {
 }
 
 /// A record the audit publisher serialises, off the emitting thread
-/// ([`AuditEmitter::emit_record`]; [`AuditEmitter::emit_deferred`] for any `Serialize` type).
+/// ([`AuditEmitter::emit_record`]).
 pub trait Record: Send + 'static {
     /// Append the record as exactly one JSON value to `out`.
     fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()>;
 }
 
-/// A `Serialize` type as a [`Record`].
-struct SerdeRecord<T>(T);
-
-impl<T: serde::Serialize + Send + 'static> Record for SerdeRecord<T> {
-    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
-        serde_json::to_writer(out, &self.0)
-    }
-}
-
 /// Writes one JSON object straight into a buffer, for records written once per request (the
-/// gateway's decisions): serde's generic path escapes every key and dispatches per field, which
-/// cost the audit publisher ~3,000 instructions per decision. Keys are literals that need no
-/// escaping; values are escaped as serde_json escapes them.
+/// gateway's decision and settlement records): serde's generic path escapes every key,
+/// dispatches per field and formats ids and addresses through `fmt`. Keys are literals that
+/// need no escaping; values are escaped as serde_json escapes them (tested).
 pub struct JsonObject<'a> {
     out: &'a mut Vec<u8>,
     empty: bool,
@@ -353,19 +344,9 @@ impl AuditEmitter {
         self.emit_json(kind, tenant, body.to_string())
     }
 
-    /// Queue one event whose record the publisher serialises, off the caller's thread (for
-    /// records that own their data: the gateway's per-request settlement events).
-    pub fn emit_deferred<T: serde::Serialize + Send + 'static>(
-        &self,
-        kind: &'static str,
-        tenant: Option<TenantId>,
-        record: T,
-    ) -> Result<()> {
-        self.queue(kind, tenant, Body::Deferred(Box::new(SerdeRecord(record))))
-    }
-
-    /// Queue one event whose record writes its own JSON, on the publisher's thread (the
-    /// gateway's per-request decision events).
+    /// Queue one event whose record writes its own JSON on the publisher's thread, not the
+    /// caller's (records that own their data: the gateway's per-request decision and
+    /// settlement events).
     pub fn emit_record<R: Record>(&self, kind: &'static str, tenant: Option<TenantId>, record: R) -> Result<()> {
         self.queue(kind, tenant, Body::Deferred(Box::new(record)))
     }
@@ -511,6 +492,18 @@ mod tests {
         }
     }
 
+    /// A record that writes its own JSON.
+    struct Settled;
+
+    impl Record for Settled {
+        fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+            let mut o = JsonObject::new(out);
+            o.serde("settled", &serde_json::json!([1, "x\"y"]))?;
+            o.finish();
+            Ok(())
+        }
+    }
+
     #[test]
     fn a_batch_expands_into_its_events() {
         let t = TenantId::new();
@@ -531,7 +524,7 @@ mod tests {
                 kind: "metering",
                 tenant: Some(t),
                 ts: 7,
-                body: Body::Deferred(Box::new(SerdeRecord(serde_json::json!({"settled": [1, "x\"y"]})))),
+                body: Body::Deferred(Box::new(Settled)),
             },
         ];
         let env = batch_envelope(&items);
