@@ -17,68 +17,56 @@ import re
 import sys
 
 
-def per_request(path, symbol):
+PUBLISHER = "caracal_shared::audit::publish_loop::{{closure}}"
+
+
+def read_profile(path, symbol, function):
+    """One thread profile, in one pass: its total instructions, the calls to `symbol`, and the
+    instructions spent in `function` and everything it called."""
     names = {}
-    calls = 0
-    pending = None
+    current = None
+    callee = None
     total = None
+    calls = 0
+    inclusive = 0
     with open(path, errors="replace") as f:
         for line in f:
             line = line.rstrip("\n")
             if line.startswith("summary:"):
                 total = int(line.split()[1])
-            elif line.startswith("cfn="):
-                m = re.match(r"\((\d+)\)(?: (.*))?", line[4:])
-                if m and m.group(2):
-                    names[m.group(1)] = m.group(2)
-                pending = names.get(m.group(1)) if m else line[4:]
-            elif line.startswith("fn="):
-                m = re.match(r"\((\d+)\)(?: (.*))?", line[3:])
-                if m and m.group(2):
-                    names[m.group(1)] = m.group(2)
-            elif line.startswith("calls="):
-                if pending is not None and symbol in pending:
-                    calls += int(line[6:].split()[0])
-    return total, calls
-
-
-PUBLISHER = "caracal_shared::audit::publish_loop::{{closure}}"
-
-
-def inclusive(path, function):
-    """Instructions spent in `function` and everything it called, in one thread profile."""
-    names = {}
-    current = None
-    total = 0
-    with open(path, errors="replace") as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if line.startswith("fn=") or line.startswith("cfn="):
+            elif line.startswith("fn=") or line.startswith("cfn="):
                 key, rest = line.split("=", 1)
                 m = re.match(r"\((\d+)\)(?: (.*))?", rest)
                 if m and m.group(2):
                     names[m.group(1)] = m.group(2)
+                name = names.get(m.group(1)) if m else rest
                 if key == "fn":
-                    current = names.get(m.group(1)) if m else rest
+                    current = name
+                else:
+                    callee = name
+            elif line.startswith("calls="):
+                if callee is not None and symbol in callee:
+                    calls += int(line[6:].split()[0])
             elif line and (line[0].isdigit() or line[0] in "+-*"):
                 # Cost lines: the function's own, and (after `calls=`) its calls' inclusive.
                 parts = line.split()
                 if len(parts) >= 2 and current == function:
-                    total += int(parts[1])
-    return total
+                    inclusive += int(parts[1])
+    return total, calls, inclusive
 
 
 def main():
     *files, symbol = sys.argv[1:]
     best = None
+    published = 0
     for p in files:
-        total, calls = per_request(p, symbol)
+        total, calls, inclusive = read_profile(p, symbol, PUBLISHER)
+        published += inclusive
         if calls and total and (best is None or calls > best[2]):
             best = (p, total, calls)
     if best is None:
         sys.exit(f"no profile calls {symbol}")
     p, total, calls = best
-    published = sum(inclusive(f, PUBLISHER) for f in files)
     print(
         f"{total / calls:.0f} instructions per request on the proxy thread, "
         f"{published / calls:.0f} in the audit publisher ({calls} requests, thread profile {p})"
