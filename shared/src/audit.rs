@@ -13,8 +13,11 @@
 //! next flush (the 2 ms a batch gathers plus one publish); graceful stops lose nothing.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -287,10 +290,31 @@ fn batch_envelope(items: &[Pending]) -> Envelope {
     Envelope::with_body(streams::AUDIT, BATCH_KIND, None, body)
 }
 
+/// `audit_buffer_depth`, read when scraped: the events in the queue plus those of the batch
+/// being published. Nothing on the emitting path updates it (a gauge both the emitting threads
+/// and the publisher wrote moved one cache line between cores on every event).
+struct Depth {
+    gauge: IntGauge,
+    /// Weak: the registry must not keep the queue open.
+    tx: mpsc::WeakSender<Pending>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Collector for Depth {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let queued = self.tx.upgrade().map_or(0, |tx| tx.max_capacity() - tx.capacity());
+        self.gauge.set((queued + self.in_flight.load(Ordering::Relaxed)) as i64);
+        self.gauge.collect()
+    }
+}
+
 #[derive(Clone)]
 pub struct AuditEmitter {
     tx: mpsc::Sender<Pending>,
-    depth: IntGauge,
     /// `audit_events_total{outcome="queued"}` and `{outcome="refused"}`, resolved once (a
     /// label lookup hashes and locks; this is on every request's path).
     queued: IntCounter,
@@ -325,17 +349,21 @@ impl AuditEmitter {
             &["outcome"],
         )
         .expect("valid metric");
-        let _ = registry.register(Box::new(depth.clone()));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let _ = registry.register(Box::new(Depth {
+            gauge: depth,
+            tx: tx.downgrade(),
+            in_flight: in_flight.clone(),
+        }));
         let _ = registry.register(Box::new(cap));
         let _ = registry.register(Box::new(events.clone()));
         let me = AuditEmitter {
             tx,
-            depth: depth.clone(),
             queued: events.with_label_values(&["queued"]),
             refused: events.with_label_values(&["refused"]),
         };
         let published = events.with_label_values(&["published"]);
-        let task = tokio::spawn(publish_loop(bus, auth, rx, depth, published, shutdown));
+        let task = tokio::spawn(publish_loop(bus, auth, rx, in_flight, published, shutdown));
         (me, task)
     }
 
@@ -366,7 +394,6 @@ impl AuditEmitter {
         };
         match self.tx.try_send(p) {
             Ok(()) => {
-                self.depth.inc();
                 self.queued.inc();
                 Ok(())
             }
@@ -390,7 +417,7 @@ async fn publish_loop(
     bus: Arc<dyn Bus>,
     auth: BusAuth,
     mut rx: mpsc::Receiver<Pending>,
-    depth: IntGauge,
+    in_flight: Arc<AtomicUsize>,
     published: IntCounter,
     shutdown: Shutdown,
 ) {
@@ -417,6 +444,7 @@ async fn publish_loop(
             }
         }
         let n = batch.len();
+        in_flight.store(n, Ordering::Relaxed);
         let payload = auth.sign(batch_envelope(&batch)).to_bytes();
         batch.clear();
         let mut backoff = Duration::from_millis(20);
@@ -434,7 +462,7 @@ async fn publish_loop(
                 }
             }
         }
-        depth.sub(n as i64);
+        in_flight.store(0, Ordering::Relaxed);
         published.inc_by(n as u64);
     }
 }
@@ -553,5 +581,38 @@ mod tests {
         assert_eq!((out[2].kind.as_str(), out[2].ts), ("metering", 7));
         assert_eq!(out[2].body, serde_json::json!({"settled": [1, "x\"y"]}));
         assert!(out.iter().all(|e| e.entry_id == "1-0"));
+    }
+
+    #[tokio::test]
+    async fn the_depth_gauge_counts_queued_and_in_flight_events_when_scraped() {
+        use crate::config::BusBackend;
+        use crate::testing::{BusEnv, FaultyBus, eventually, shutdown};
+        let env = BusEnv::new(BusBackend::Embedded).await.expect("an embedded bus");
+        let faulty = Arc::new(FaultyBus::new(env.bus.clone()));
+        faulty.fail_after(0);
+        let registry = Registry::new();
+        let sd = shutdown();
+        let (em, task) = AuditEmitter::start(faulty.clone(), env.auth(), 16, &registry, sd.clone());
+        let gauge = |name: &str| {
+            registry
+                .gather()
+                .iter()
+                .find(|f| f.name() == format!("caracal_{name}"))
+                .map(|f| f.get_metric()[0].get_gauge().get_value())
+                .expect("gauge registered")
+        };
+        assert_eq!(gauge("audit_buffer_depth"), 0.0);
+        for i in 0..5 {
+            em.emit("test", None, &serde_json::json!({ "i": i })).unwrap();
+        }
+        // The bus refuses: the events wait, in the queue or in the batch being retried.
+        assert!(eventually(Duration::from_secs(5), || async { gauge("audit_buffer_depth") == 5.0 }).await);
+        faulty.fail_after(-1);
+        assert!(eventually(Duration::from_secs(10), || async { gauge("audit_buffer_depth") == 0.0 }).await);
+        assert_eq!(faulty.published(), 1, "one batch");
+        sd.trigger();
+        drop(em);
+        task.await.unwrap();
+        env.cleanup().await;
     }
 }
