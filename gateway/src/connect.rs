@@ -25,7 +25,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::decide::{AuditInfo, Established, Target, credential};
+use crate::decide::{AuditInfo, Established, Target, Who, credential};
 use crate::proxy::Proxy;
 use crate::state::{Cached, Gateway, ResourceEntry};
 
@@ -231,7 +231,7 @@ impl Front {
                 tool: "",
             };
             let rule = gw
-                .authorize(&c, &r, &facts)
+                .authorize(&gw.snapshot(), &c, &r, &facts)
                 .map_err(|e| (e, Some(c.clone()), Some(r.clone())))?;
             let addr = gw
                 .resolve(&r, &t.host, t.port)
@@ -243,7 +243,7 @@ impl Front {
         let (c, r, addr) = match decided {
             Ok((c, r, rule, addr)) => {
                 let est = Established {
-                    mandate: Some(c.clone()),
+                    mandate: Some(Who::of(&c)),
                     resource: Some(r.res.id),
                     rule: Some(rule),
                     ..Default::default()
@@ -260,7 +260,7 @@ impl Front {
                 gw.metrics.tunnels.with_label_values(&["deny"]).inc();
                 gw.metrics.decisions.with_label_values(&["deny", e.code.as_str()]).inc();
                 let est = Established {
-                    mandate: c,
+                    mandate: c.as_deref().map(Who::of),
                     resource: r.map(|r| r.res.id),
                     ..Default::default()
                 }

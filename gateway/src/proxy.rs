@@ -19,7 +19,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 
-use crate::decide::{AuditInfo, Decision, Established, Target, body_facts, credential};
+use crate::decide::{AuditInfo, Decision, Established, Target, Who, body_facts, credential};
 use crate::forward::Forwarder;
 use crate::intercept::TunnelCtx;
 use crate::state::{Gateway, Injection};
@@ -120,6 +120,31 @@ fn request_id(req: &RequestHeader) -> Arc<str> {
             (&*uuid::Uuid::new_v4().simple().encode_lower(&mut buf)).into()
         }
     }
+}
+
+/// `part`, a slice of `whole`'s bytes, as a `str` (no second UTF-8 check; `None` if it is
+/// not inside `whole` or does not start and end on character boundaries).
+fn within<'a>(whole: &'a str, part: &[u8]) -> Option<&'a str> {
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    whole.get(start..start.checked_add(part.len())?)
+}
+
+/// The method's name in upper case, as policy matches it (no allocation for the standard
+/// methods).
+fn method_name(m: &http::Method) -> Cow<'static, str> {
+    use http::Method as M;
+    Cow::Borrowed(match *m {
+        M::GET => "GET",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::DELETE => "DELETE",
+        M::PATCH => "PATCH",
+        M::HEAD => "HEAD",
+        M::OPTIONS => "OPTIONS",
+        M::CONNECT => "CONNECT",
+        M::TRACE => "TRACE",
+        _ => return Cow::Owned(m.as_str().to_ascii_uppercase()),
+    })
 }
 
 fn split_host_port(authority: &str, default_port: u16) -> Result<(String, u16), Error> {
@@ -289,7 +314,7 @@ impl Proxy {
     ) -> Result<(Target, Option<caracal_shared::ids::ResourceId>), Error> {
         let raw =
             std::str::from_utf8(req.raw_path()).map_err(|_| Error::bad_request("the request target is not UTF-8"))?;
-        let method = req.method.as_str().to_ascii_uppercase();
+        let method = method_name(&req.method);
         let split = |pq: &str| -> (String, Option<String>) {
             match pq.split_once('?') {
                 Some((p, q)) => (
@@ -354,7 +379,7 @@ impl Proxy {
                     Some(id),
                 ))
             }
-            Mode::Forward => match pingora_http::authority::raw_target_authority(req.raw_path()) {
+            Mode::Forward => match pingora_http::authority::raw_target_authority(raw.as_bytes()) {
                 pingora_http::authority::RawTargetAuthority::Absolute {
                     scheme,
                     authority,
@@ -365,10 +390,9 @@ impl Proxy {
                         b"https" => true,
                         _ => return Err(Error::bad_request("only http and https targets are proxied")),
                     };
-                    let authority =
-                        std::str::from_utf8(authority).map_err(|_| Error::bad_request("invalid authority"))?;
+                    let authority = within(raw, authority).ok_or_else(|| Error::bad_request("invalid authority"))?;
                     let (host, port) = split_host_port(authority, if https { 443 } else { 80 })?;
-                    let pq = std::str::from_utf8(path_and_query).map_err(|_| Error::bad_request("invalid path"))?;
+                    let pq = within(raw, path_and_query).ok_or_else(|| Error::bad_request("invalid path"))?;
                     let (path, query) = split(pq);
                     Ok((
                         Target {
@@ -440,7 +464,9 @@ impl Proxy {
         ctx: &mut Ctx,
     ) -> Result<Decision, (Error, Partial)> {
         let gw = &self.gw;
-        let (r, path) = gw.select(&c, t, bound).map_err(|e| {
+        // One snapshot for the whole decision (taking it costs a lock and a reference count).
+        let snap = gw.snapshot();
+        let (r, path) = gw.select(&snap, &c, t, bound).map_err(|e| {
             (
                 e,
                 Partial {
@@ -459,7 +485,6 @@ impl Proxy {
                 },
             )
         };
-        let snap = gw.snapshot();
         let budgets = gw.budgets_for(&snap, &c, &r);
         let body_facts_v = if gw.needs_body(&snap, &c, &r, &t.method, &budgets) {
             let max = gw.rt.config.gateway.max_inspect_body;
@@ -507,7 +532,7 @@ impl Proxy {
             model: &body_facts_v.model,
             tool: &body_facts_v.tool,
         };
-        let rule = gw.authorize(&c, &r, &facts).map_err(partial)?;
+        let rule = gw.authorize(&snap, &c, &r, &facts).map_err(partial)?;
         let upstream_host = if bound.is_some() {
             r.base_host.clone()
         } else {
@@ -804,7 +829,7 @@ impl ProxyHttp for Proxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         ctx.rid = Some(request_id(session.req_header()));
         let source = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        let gw = self.gw.clone();
+        let gw = &self.gw;
         let tunnel = gw
             .interceptor
             .tunnel_of(session.digest().and_then(|d| d.ssl_digest.as_deref()));
@@ -850,7 +875,7 @@ impl ProxyHttp for Proxy {
                 // The path and rule were needed for the forward target; the audit event
                 // takes them now.
                 let est = Established {
-                    mandate: Some(d.mandate.clone()),
+                    mandate: Some(Who::of(&d.mandate)),
                     resource: Some(d.resource.res.id),
                     path: Some(std::mem::take(&mut d.path)),
                     rule: Some(std::mem::take(&mut d.rule)),
@@ -878,7 +903,7 @@ impl ProxyHttp for Proxy {
                 gw.metrics.decisions.with_label_values(&["deny", e.code.as_str()]).inc();
                 let est = Established {
                     resource: partial.resource.as_ref().map(|r| r.res.id),
-                    mandate: partial.mandate,
+                    mandate: partial.mandate.as_deref().map(Who::of),
                     path: partial.path,
                     ..Default::default()
                 }
@@ -911,7 +936,14 @@ impl ProxyHttp for Proxy {
             .decision
             .as_ref()
             .ok_or_else(|| pingora::Error::explain(pingora::ErrorType::HTTPStatus(403), "no decision"))?;
-        let mut peer = HttpPeer::new(d.addr, d.resource.https, d.upstream_host.clone());
+        // The name matters only to TLS (SNI and the certificate check); a plain HTTP
+        // connection is chosen by the checked address alone.
+        let sni = if d.resource.https {
+            d.upstream_host.clone()
+        } else {
+            String::new()
+        };
+        let mut peer = HttpPeer::new(d.addr, d.resource.https, sni);
         let cfg = &self.gw.rt.config.gateway;
         peer.options.connection_timeout = Some(cfg.upstream_connect_timeout);
         peer.options.read_timeout = Some(cfg.upstream_read_timeout);
@@ -1056,6 +1088,32 @@ impl ProxyHttp for Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn methods_are_named_in_upper_case_as_before() {
+        for m in [
+            "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "get", "Purge", "X-CUSTOM",
+        ] {
+            let method = http::Method::from_bytes(m.as_bytes()).unwrap();
+            assert_eq!(method_name(&method), m.to_ascii_uppercase(), "{m}");
+        }
+        assert!(matches!(method_name(&http::Method::GET), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn parts_of_a_str_are_taken_only_from_inside_it_on_character_boundaries() {
+        let whole = "http://é.test:80/p?q";
+        let b = whole.as_bytes();
+        assert_eq!(within(whole, &b[7..17]), Some("é.test:80"));
+        assert_eq!(within(whole, &b[..0]), Some(""));
+        assert_eq!(within(whole, b), Some(whole));
+        // Splitting 'é' (two bytes) is refused.
+        assert_eq!(within(whole, &b[8..12]), None);
+        assert_eq!(within(whole, &b[7..8]), None);
+        // Bytes from elsewhere are refused.
+        let other = String::from(whole);
+        assert_eq!(within(whole, &other.as_bytes()[7..17]), None);
+    }
 
     #[test]
     fn settlement_records_are_written_exactly_as_serde_writes_them() {

@@ -344,12 +344,27 @@ impl Cached {
     }
 }
 
+/// A `'static` copy of `s`, made once per distinct value (gateway ids: one per process, a
+/// few in tests that start several gateways).
+fn intern(s: &str) -> &'static str {
+    static SEEN: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(v) = seen.iter().find(|v| **v == s) {
+        return v;
+    }
+    let v: &'static str = Box::leak(s.to_owned().into_boxed_str());
+    seen.push(v);
+    v
+}
+
 pub struct Gateway {
     pub rt: Runtime,
     /// This gateway's `Via` entry (`1.1 <gateway id>`), built once.
     pub via: HeaderValue,
-    /// This gateway's id, shared with the audit events it records.
-    pub gateway_id: Arc<str>,
+    /// This gateway's id, for the audit events it records (interned: a shared `Arc` would
+    /// have its reference count moved between the proxy's and the publisher's cores on every
+    /// event).
+    pub gateway_id: &'static str,
     /// Tells this gateway's entries in the per-thread memo of recent mandates from those of
     /// another gateway in the same process (see [`RECENT_MANDATES`]).
     instance: u64,
@@ -433,7 +448,7 @@ impl Gateway {
             )?),
             via: HeaderValue::from_str(&format!("1.1 {}", rt.config.gateway.id))
                 .unwrap_or_else(|_| HeaderValue::from_static("1.1 caracal")),
-            gateway_id: rt.config.gateway.id.as_str().into(),
+            gateway_id: intern(&rt.config.gateway.id),
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             rt,
         })
