@@ -2,7 +2,8 @@
 //!
 //! 1. straight to the upstream,
 //! 2. through a plain Pingora passthrough built from the same crate versions (absolute-form in,
-//!    origin-form out, upstream keep-alive — what a forward proxy does with no governance),
+//!    origin-form out, upstream keep-alive, the gateway's upstream timeouts — what a forward proxy
+//!    does with no governance),
 //!    sent exactly the same client request (with its `Proxy-Authorization`, which it ignores),
 //! 3. through the governed gateway (cached mandate, policy, revocation check, egress guard,
 //!    credential injection, audit event per request),
@@ -78,9 +79,13 @@ pub(crate) fn upstream() -> SocketAddr {
     addr
 }
 
-/// A plain forward proxy with no governance: absolute-form in, origin-form to one upstream.
+/// A plain forward proxy with no governance: absolute-form in, origin-form to one upstream,
+/// with the gateway's upstream timeouts (connect and read: configuration, not governance; a
+/// read timeout makes Pingora arm a timer for every upstream read).
 struct Plain {
     upstream: SocketAddr,
+    connect_timeout: Duration,
+    read_timeout: Duration,
 }
 
 #[async_trait]
@@ -89,7 +94,10 @@ impl ProxyHttp for Plain {
     fn new_ctx(&self) {}
 
     async fn upstream_peer(&self, _s: &mut Session, _c: &mut ()) -> pingora::Result<Box<HttpPeer>> {
-        Ok(Box::new(HttpPeer::new(self.upstream, false, String::new())))
+        let mut peer = HttpPeer::new(self.upstream, false, String::new());
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer.options.read_timeout = Some(self.read_timeout);
+        Ok(Box::new(peer))
     }
 
     async fn upstream_request_filter(
@@ -108,7 +116,12 @@ impl ProxyHttp for Plain {
     }
 }
 
-fn plain_proxy(upstream: SocketAddr, threads: usize) -> SocketAddr {
+fn plain_proxy(upstream: SocketAddr, threads: usize, cfg: &caracal_shared::config::GatewayConfig) -> SocketAddr {
+    let plain = Plain {
+        upstream,
+        connect_timeout: cfg.upstream_connect_timeout,
+        read_timeout: cfg.upstream_read_timeout,
+    };
     let port = caracal_shared::testing::free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let dir = std::env::temp_dir().join(format!("caracal-bench-plain-{port}"));
@@ -125,7 +138,7 @@ fn plain_proxy(upstream: SocketAddr, threads: usize) -> SocketAddr {
     std::thread::spawn(move || {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
-        let mut svc = pingora::proxy::http_proxy_service(&server.configuration, Plain { upstream });
+        let mut svc = pingora::proxy::http_proxy_service(&server.configuration, plain);
         svc.add_tcp(&addr.to_string());
         server.add_service(svc);
         server.run_forever();
@@ -280,8 +293,8 @@ pub async fn run(
 ) {
     let rounds = rounds.max(1);
     let up = upstream();
-    let plain = plain_proxy(up, threads);
     let sys = System::start_with(store, |c| c.gateway.threads = threads).await;
+    let plain = plain_proxy(up, threads, &sys.rt.config.gateway);
     let port = up.port();
     let res = sys
         .api(
