@@ -21,7 +21,7 @@ use base64::Engine as _;
 use caracal_shared::error::{Error, ErrorCode, Result};
 use caracal_shared::mandate::{self, Request};
 use caracal_shared::policy::{ANY, Facts, decide};
-use caracal_shared::time::now_secs;
+use caracal_shared::time::coarse_now_secs;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -345,7 +345,9 @@ impl Gateway {
 
     /// The end of step 2: the mandate found for `secret` is still live.
     fn admit(&self, c: Arc<Cached>, secret: Option<&[u8]>) -> Result<Arc<Cached>> {
-        if c.m.claims.expires_at <= now_secs() {
+        // The coarse clock (one timer tick behind at most) is read on every request: expiry
+        // is whole seconds.
+        if c.m.claims.expires_at <= coarse_now_secs() {
             if let Some(secret) = secret {
                 self.mandates.invalidate(&crate::state::token_key(secret));
             }
@@ -439,7 +441,7 @@ impl Gateway {
         r: &ResourceEntry,
         facts: &Facts<'_>,
     ) -> Result<String> {
-        let now = now_secs();
+        let now = coarse_now_secs();
         let d =
             c.m.authorize(
                 &Request {
@@ -521,7 +523,7 @@ mod tests {
     fn cached(session: Option<SessionId>) -> Arc<Cached> {
         let (private, public) = mandate::generate_key();
         let kp = mandate::keypair_from_private(&private).unwrap();
-        let now = now_secs();
+        let now = caracal_shared::time::now_secs();
         let claims = Claims {
             mandate_id: MandateId::new(),
             tenant: TenantId::new(),

@@ -27,7 +27,7 @@ use caracal_shared::policy::{
 use caracal_shared::ratelimit::RateLimiter;
 use caracal_shared::runtime::Runtime;
 use caracal_shared::store::resources::{InjectKind, Resource, parse_base_url};
-use caracal_shared::time::now_secs;
+use caracal_shared::time::{coarse_monotonic_millis, now_secs};
 use http::HeaderValue;
 use http::header::HeaderName;
 
@@ -84,8 +84,8 @@ pub struct DnsCache {
     hosts: RwLock<std::collections::HashMap<String, Vec<DnsAnswer>>>,
 }
 
-/// `(port, valid until, checked address)`.
-type DnsAnswer = (u16, Instant, SocketAddr);
+/// `(port, valid until (coarse monotonic milliseconds), checked address)`.
+type DnsAnswer = (u16, u64, SocketAddr);
 
 /// Most distinct hosts one resource caches (wildcard resources may see many).
 const DNS_CACHE_HOSTS: usize = 4096;
@@ -99,7 +99,7 @@ impl DnsCache {
     }
 
     pub fn get(&self, host: &str, port: u16) -> Option<SocketAddr> {
-        let now = Instant::now();
+        let now = coarse_monotonic_millis();
         let m = self.hosts.read().unwrap_or_else(|p| p.into_inner());
         m.get(host)?
             .iter()
@@ -108,7 +108,7 @@ impl DnsCache {
     }
 
     pub fn insert(&self, host: &str, port: u16, addr: SocketAddr) {
-        let now = Instant::now();
+        let now = coarse_monotonic_millis();
         let mut m = self.hosts.write().unwrap_or_else(|p| p.into_inner());
         if m.len() >= DNS_CACHE_HOSTS && !m.contains_key(host) {
             m.retain(|_, v| {
@@ -121,7 +121,7 @@ impl DnsCache {
         }
         let v = m.entry(host.to_string()).or_default();
         v.retain(|(p, _, _)| *p != port);
-        v.push((port, now + self.ttl, addr));
+        v.push((port, now.saturating_add(self.ttl.as_millis() as u64), addr));
     }
 }
 

@@ -4,12 +4,21 @@
 
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::time::coarse_monotonic_millis;
 
 #[derive(Debug)]
 struct Bucket {
     tokens: f64,
-    last: Instant,
+    /// When it was last refilled, in [`coarse_monotonic_millis`] (read on every request:
+    /// the coarse clock costs no TSC read; refill in steps of a timer tick is exact enough).
+    last: u64,
+}
+
+/// Seconds from `last` to `now` (both coarse monotonic milliseconds).
+fn secs_since(last: u64, now: u64) -> f64 {
+    now.saturating_sub(last) as f64 / 1000.0
 }
 
 /// Most keys kept; past it, idle buckets are dropped (and if none is idle, all of them: a
@@ -65,7 +74,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> RateLimiter<K> {
         if let Some(b) = self.get(key) {
             return b;
         }
-        let now = Instant::now();
+        let now = coarse_monotonic_millis();
         let mut m = self.inner.buckets.write().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = m.buckets.get(key) {
             return b.clone();
@@ -73,7 +82,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> RateLimiter<K> {
         if m.buckets.len() >= m.sweep_at {
             let idle = self.inner.idle;
             m.buckets.retain(|_, b| {
-                Arc::strong_count(b) > 1 || now.duration_since(b.lock().unwrap_or_else(|p| p.into_inner()).last) < idle
+                Arc::strong_count(b) > 1
+                    || secs_since(b.lock().unwrap_or_else(|p| p.into_inner()).last, now) < idle.as_secs_f64()
             });
             if m.buckets.len() >= MAX_KEYS {
                 m.buckets.clear();
@@ -104,7 +114,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> RateLimiter<K> {
             None => true,
             Some(b) => {
                 let b = b.lock().unwrap_or_else(|p| p.into_inner());
-                let refilled = (b.tokens + b.last.elapsed().as_secs_f64() * self.inner.rate).min(self.inner.burst);
+                let elapsed = secs_since(b.last, coarse_monotonic_millis());
+                let refilled = (b.tokens + elapsed * self.inner.rate).min(self.inner.burst);
                 refilled >= cost
             }
         }
@@ -115,8 +126,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> RateLimiter<K> {
         let b = self.get_or_insert(key);
         let (rate, burst) = (self.inner.rate, self.inner.burst);
         let mut b = b.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let elapsed = now.duration_since(b.last).as_secs_f64();
+        let now = coarse_monotonic_millis();
+        let elapsed = secs_since(b.last, now);
         b.tokens = (b.tokens + elapsed * rate).min(burst);
         b.last = now;
         if b.tokens >= cost {
@@ -167,7 +178,7 @@ mod tests {
             l.check(&k, 1.0).unwrap();
         }
         for b in l.inner.buckets.read().unwrap().buckets.values() {
-            b.lock().unwrap().last -= Duration::from_secs(5);
+            b.lock().unwrap().last -= 5_000;
         }
         l.check(&99, 1.0).unwrap();
         assert_eq!(l.len(), 1, "idle buckets were swept, the new key kept");

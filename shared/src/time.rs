@@ -16,6 +16,37 @@ pub fn now_secs() -> i64 {
     now_micros() / 1_000_000
 }
 
+/// Seconds since the Unix epoch from the kernel's coarse clock: the time of the last timer
+/// tick (it lags by at most a few milliseconds), read from memory the kernel shares with
+/// the process, with no TSC read (which costs tens of nanoseconds in a VM). For checks at
+/// one-second granularity on every request's path (mandate expiry).
+pub fn coarse_now_secs() -> i64 {
+    #[cfg(target_os = "linux")]
+    if let Some(ts) = coarse(libc::CLOCK_REALTIME_COARSE) {
+        return ts.tv_sec;
+    }
+    now_secs()
+}
+
+/// Milliseconds on a monotonic clock, from the kernel's coarse clock like [`coarse_now_secs`]
+/// (the time of the last tick): for durations measured on every request's path whose
+/// precision need not be finer than a few milliseconds (cache lifetimes, rate-limit refill).
+pub fn coarse_monotonic_millis() -> u64 {
+    #[cfg(target_os = "linux")]
+    if let Some(ts) = coarse(libc::CLOCK_MONOTONIC_COARSE) {
+        return ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000;
+    }
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}
+
+#[cfg(target_os = "linux")]
+fn coarse(clock: libc::clockid_t) -> Option<libc::timespec> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes only the timespec it is given, which lives on this stack.
+    (unsafe { libc::clock_gettime(clock, &mut ts) } == 0).then_some(ts)
+}
+
 pub fn micros(d: Duration) -> Micros {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
@@ -41,6 +72,19 @@ pub fn parse_rfc3339(s: &str) -> Option<Micros> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coarse_clocks_follow_the_precise_ones() {
+        let before = now_secs();
+        let coarse = coarse_now_secs();
+        let after = now_secs();
+        // The coarse clock lags by at most a tick: never ahead, at most a second behind.
+        assert!(coarse <= after && coarse >= before - 1, "{before} {coarse} {after}");
+        let a = coarse_monotonic_millis();
+        std::thread::sleep(Duration::from_millis(30));
+        let b = coarse_monotonic_millis();
+        assert!(b >= a + 20 && b < a + 5_000, "{a} {b}");
+    }
 
     #[test]
     fn round_trip() {
