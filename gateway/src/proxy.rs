@@ -47,7 +47,8 @@ pub struct Ctx {
     /// This request's id (the client's `X-Request-Id` when usable, else a fresh one), shared
     /// with its audit events.
     rid: Option<Arc<str>>,
-    decision: Option<Decision>,
+    /// (Boxed: the context is moved with Pingora's futures, several times per request.)
+    decision: Option<Box<Decision>>,
     /// Body read to decide (replayed or forwarded as a whole).
     body: Option<Bytes>,
     /// Path and query to send upstream.
@@ -892,7 +893,7 @@ impl ProxyHttp for Proxy {
                     return Ok(true);
                 }
                 gw.metrics.allowed.inc();
-                ctx.decision = Some(d);
+                ctx.decision = Some(Box::new(d));
                 if ctx.body.as_ref().is_some_and(|b| b.len() > REPLAY_LIMIT) {
                     self.forward_buffered(session, ctx).await?;
                     return Ok(true);
