@@ -238,7 +238,6 @@ pub fn expand(ev: Event) -> Vec<Event> {
 }
 
 fn batch_envelope(items: &[Pending]) -> Envelope {
-    use std::io::Write as _;
     let mut body: Vec<u8> = Vec::with_capacity(
         items
             .iter()
@@ -267,7 +266,10 @@ fn batch_envelope(items: &[Pending]) -> Envelope {
             body.extend_from_slice(t.encode(&mut id).as_bytes());
             body.push(b'"');
         }
-        let _ = write!(body, ",\"ts\":{},\"body\":", p.ts);
+        body.extend_from_slice(b",\"ts\":");
+        // (serde_json writes integers without `fmt`'s machinery.)
+        let _ = serde_json::to_writer(&mut body, &p.ts);
+        body.extend_from_slice(b",\"body\":");
         match &p.body {
             Body::Json(b) => body.extend_from_slice(b),
             Body::Deferred(r) => {
