@@ -15,14 +15,14 @@
 
 use caracal_shared::FastMap as HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use caracal_shared::budget_ledger::{BudgetLedger, Window, window_of};
 use caracal_shared::error::{Error, ErrorCode, Result};
 use caracal_shared::ids::{AgentId, BudgetId, ResourceId};
 use caracal_shared::metering::{Pricing, RequestFacts, Unpriced, Usage, actual, worst_case};
 use caracal_shared::store::admin::{Budget, BudgetScopeKind, BudgetUnit};
-use caracal_shared::time::now_micros;
+use caracal_shared::time::{coarse_monotonic_millis, coarse_now_micros, now_micros};
 use serde_json::json;
 
 /// One lease held by this gateway.
@@ -46,7 +46,8 @@ struct LeaseState {
     /// No new reservations; released when the last request in flight settles.
     retiring: bool,
     released: bool,
-    last_use: Option<Instant>,
+    /// In `coarse_monotonic_millis` (set on every reservation).
+    last_use: Option<u64>,
 }
 
 enum Take {
@@ -69,7 +70,7 @@ impl Lease {
         }
         s.used += amount;
         s.in_flight += 1;
-        s.last_use = Some(Instant::now());
+        s.last_use = Some(coarse_monotonic_millis());
         Take::Taken
     }
 }
@@ -227,7 +228,8 @@ impl Budgets {
             settled: false,
             owner: self.clone(),
         };
-        let now = now_micros();
+        // Which calendar window: the coarse clock is at most a timer tick behind.
+        let now = coarse_now_micros();
         for b in budgets {
             let amount = worst_case(b.unit, &r.pricing, &r.facts).map_err(|Unpriced(m)| {
                 Error::new(ErrorCode::PolicyDenied, m).with_details(json!({ "reason": "unpriced", "budget_id": b.id }))
@@ -412,7 +414,9 @@ impl Budgets {
             let (idle_now, charge) = {
                 let s = l.st.lock().unwrap_or_else(|p| p.into_inner());
                 (
-                    s.in_flight == 0 && s.last_use.is_none_or(|t| t.elapsed() >= idle),
+                    s.in_flight == 0
+                        && s.last_use
+                            .is_none_or(|t| coarse_monotonic_millis().saturating_sub(t) >= idle.as_millis() as u64),
                     s.charge,
                 )
             };

@@ -28,6 +28,15 @@ pub fn coarse_now_secs() -> i64 {
     now_secs()
 }
 
+/// Microseconds since the Unix epoch from the coarse clock (see [`coarse_now_secs`]).
+pub fn coarse_now_micros() -> Micros {
+    #[cfg(target_os = "linux")]
+    if let Some(ts) = coarse(libc::CLOCK_REALTIME_COARSE) {
+        return ts.tv_sec * 1_000_000 + ts.tv_nsec / 1_000;
+    }
+    now_micros()
+}
+
 /// Milliseconds on a monotonic clock, from the kernel's coarse clock like [`coarse_now_secs`]
 /// (the time of the last tick): for durations measured on every request's path whose
 /// precision need not be finer than a few milliseconds (cache lifetimes, rate-limit refill).
@@ -80,6 +89,11 @@ mod tests {
         let after = now_secs();
         // The coarse clock lags by at most a tick: never ahead, at most a second behind.
         assert!(coarse <= after && coarse >= before - 1, "{before} {coarse} {after}");
+        let (before, coarse, after) = (now_micros(), coarse_now_micros(), now_micros());
+        assert!(
+            coarse <= after && coarse >= before - 1_000_000,
+            "{before} {coarse} {after}"
+        );
         let a = coarse_monotonic_millis();
         std::thread::sleep(Duration::from_millis(30));
         let b = coarse_monotonic_millis();
