@@ -116,9 +116,19 @@ impl BudgetEntry {
 /// One reservation as its decision's audit event records it.
 #[derive(serde::Serialize)]
 pub struct HoldView {
-    budget_id: BudgetId,
-    unit: BudgetUnit,
-    reserved: i64,
+    pub(crate) budget_id: BudgetId,
+    pub(crate) unit: BudgetUnit,
+    pub(crate) reserved: i64,
+}
+
+impl HoldView {
+    /// Its members as serde writes them (tested through the records that carry it).
+    pub fn write(&self, o: &mut caracal_shared::audit::JsonObject<'_>) {
+        let mut id = [0u8; caracal_shared::ids::ID_TEXT_MAX];
+        o.str("budget_id", self.budget_id.encode(&mut id))
+            .str("unit", self.unit.as_str())
+            .int("reserved", self.reserved);
+    }
 }
 
 pub struct Budgets {
@@ -513,6 +523,17 @@ pub struct Settled {
     pub unit: BudgetUnit,
     pub reserved: i64,
     pub actual: i64,
+}
+
+impl Settled {
+    /// Its members as serde writes them (tested through the settlement record).
+    pub fn write(&self, o: &mut caracal_shared::audit::JsonObject<'_>) {
+        let mut id = [0u8; caracal_shared::ids::ID_TEXT_MAX];
+        o.str("budget_id", self.budget_id.encode(&mut id))
+            .str("unit", self.unit.as_str())
+            .int("reserved", self.reserved)
+            .int("actual", self.actual);
+    }
 }
 
 impl Reservation {

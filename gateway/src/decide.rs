@@ -144,7 +144,7 @@ impl caracal_shared::audit::Record for DecisionEvent {
             .str("request_id", &self.info.request_id)
             .str("gateway", self.gateway);
         if let Some(r) = self.est.reserved.as_deref() {
-            o.serde("reserved", &r)?;
+            o.objects("reserved", r, |h, o| h.write(o));
         }
         o.finish();
         Ok(())
@@ -581,7 +581,18 @@ mod tests {
                     host: Some(odd.into()),
                     path: Some(odd.into()),
                     rule: None,
-                    reserved: Some(vec![]),
+                    reserved: Some(vec![
+                        crate::budget::HoldView {
+                            budget_id: caracal_shared::ids::BudgetId::new(),
+                            unit: caracal_shared::store::admin::BudgetUnit::Micros,
+                            reserved: 1_250_000,
+                        },
+                        crate::budget::HoldView {
+                            budget_id: caracal_shared::ids::BudgetId::new(),
+                            unit: caracal_shared::store::admin::BudgetUnit::Requests,
+                            reserved: 1,
+                        },
+                    ]),
                 },
                 info: AuditInfo {
                     request_id: odd.into(),

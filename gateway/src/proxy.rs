@@ -792,11 +792,15 @@ impl caracal_shared::audit::Record for SettlementRecord {
         o.str("resource", self.resource.encode(&mut id));
         o.str("model", &self.model);
         match &self.usage {
-            Some(u) => o.serde("usage", u)?,
+            Some(u) => o.object("usage", |o| {
+                o.int("input", u.input)
+                    .int("cached_input", u.cached_input)
+                    .int("output", u.output);
+            }),
             None => o.null("usage"),
         }
         .bool("cut_short", self.cut_short)
-        .serde("settled", &self.settled)?;
+        .objects("settled", &self.settled, |s, o| s.write(o));
         o.finish();
         Ok(())
     }
@@ -1141,6 +1145,12 @@ mod tests {
                         unit: BudgetUnit::Requests,
                         reserved: 1,
                         actual: 1,
+                    },
+                    crate::budget::Settled {
+                        budget_id: BudgetId::new(),
+                        unit: BudgetUnit::Micros,
+                        reserved: -3,
+                        actual: i64::MAX,
                     },
                 ],
                 "odd \"model\"\u{2}é",

@@ -155,6 +155,42 @@ impl<'a> JsonObject<'a> {
         self
     }
 
+    /// An integer member.
+    pub fn int(&mut self, key: &'static str, value: i64) -> &mut Self {
+        // (serde_json writes integers without `fmt`'s machinery.)
+        let _ = serde_json::to_writer(&mut *self.key(key), &value);
+        self
+    }
+
+    /// An object member, written by `f`.
+    pub fn object(&mut self, key: &'static str, f: impl FnOnce(&mut JsonObject<'_>)) -> &mut Self {
+        let mut o = JsonObject::new(&mut *self.key(key));
+        f(&mut o);
+        o.finish();
+        self
+    }
+
+    /// An array of objects, each written by `each`.
+    pub fn objects<T>(
+        &mut self,
+        key: &'static str,
+        items: &[T],
+        mut each: impl FnMut(&T, &mut JsonObject<'_>),
+    ) -> &mut Self {
+        let out = self.key(key);
+        out.push(b'[');
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let mut o = JsonObject::new(&mut *out);
+            each(item, &mut o);
+            o.finish();
+        }
+        out.push(b']');
+        self
+    }
+
     pub fn null(&mut self, key: &'static str) -> &mut Self {
         self.key(key).extend_from_slice(b"null");
         self
@@ -510,9 +546,19 @@ mod tests {
                     .opt_str("o", Some(t))
                     .str("s", t);
                 o.serde("v", &vec![t]).unwrap();
+                o.int("w", -(t.len() as i64) * 1_000_000_007)
+                    .objects("x", &[t, "y"], |v, o| {
+                        o.str("k", v).int("l", v.len() as i64);
+                    })
+                    .objects::<&str>("z", &[], |_, _| {})
+                    .object("zz", |o| {
+                        o.object("e", |_| {}).str("m", t);
+                    });
                 o.finish();
                 let expected = serde_json::json!({
                     "s": t, "n": null, "o": t, "ip": ip, "none": null, "d": t, "b": t.is_empty(), "v": [t],
+                    "w": -(t.len() as i64) * 1_000_000_007,
+                    "x": [{"k": t, "l": t.len()}, {"k": "y", "l": 1}], "z": [], "zz": {"m": t, "e": {}},
                 });
                 assert_eq!(
                     String::from_utf8(out).unwrap(),

@@ -260,6 +260,17 @@ pub enum BudgetUnit {
     Requests,
 }
 
+impl BudgetUnit {
+    /// The name serde gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetUnit::Micros => "micros",
+            BudgetUnit::Tokens => "tokens",
+            BudgetUnit::Requests => "requests",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WindowKind {
