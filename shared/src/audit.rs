@@ -475,11 +475,13 @@ async fn publish_loop(
         if !shutdown.is_triggered() {
             tokio::time::sleep(LINGER).await;
         }
-        while batch.len() < 1024 {
-            match rx.try_recv() {
-                Ok(e) => batch.push(e),
-                Err(_) => break,
-            }
+        // Whatever arrived meanwhile, in one take: the queue's slots go back once per batch
+        // (`try_recv` gave each one back on its own, locking the queue's semaphore, whose
+        // cache line the emitting threads then missed). Never waits: only this task receives,
+        // so a queue that is not empty stays so until it is read.
+        if !rx.is_empty() {
+            let room = 1024usize.saturating_sub(batch.len()).max(1);
+            rx.recv_many(&mut batch, room).await;
         }
         let n = batch.len();
         in_flight.store(n, Ordering::Relaxed);
