@@ -160,8 +160,12 @@ async fn write_error(stream: &mut Stream, err: &Error, request_id: &str) {
 }
 
 impl Front {
-    fn select_tunnel(&self, c: &Cached, host: &str, port: u16) -> Result<Arc<ResourceEntry>, Error> {
-        let snap = self.gw.snapshot();
+    fn select_tunnel(
+        snap: &crate::state::Snapshot,
+        c: &Cached,
+        host: &str,
+        port: u16,
+    ) -> Result<Arc<ResourceEntry>, Error> {
         c.m.claims
             .resources
             .iter()
@@ -216,9 +220,9 @@ impl Front {
                 .authenticate(head.secret.as_deref(), cert.as_deref(), &head.request_id)
                 .await
                 .map_err(|e| (e, None, None))?;
-            let r = self
-                .select_tunnel(&c, &t.host, t.port)
-                .map_err(|e| (e, Some(c.clone()), None))?;
+            // One snapshot for the whole decision.
+            let snap = gw.snapshot();
+            let r = Self::select_tunnel(&snap, &c, &t.host, t.port).map_err(|e| (e, Some(c.clone()), None))?;
             if r.res.settings.intercept_tls {
                 // Each request inside is decided on its own (and its destination checked).
                 return Ok((c, r, "intercept".to_string(), None));
@@ -231,7 +235,7 @@ impl Front {
                 tool: "",
             };
             let rule = gw
-                .authorize(&gw.snapshot(), &c, &r, &facts)
+                .authorize(&snap, &c, &r, &facts)
                 .map_err(|e| (e, Some(c.clone()), Some(r.clone())))?;
             let addr = gw
                 .resolve(&r, &t.host, t.port)
