@@ -114,7 +114,7 @@ impl BudgetEntry {
 }
 
 /// One reservation as its decision's audit event records it.
-#[derive(serde::Serialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub struct HoldView {
     pub(crate) budget_id: BudgetId,
     pub(crate) unit: BudgetUnit,
@@ -124,11 +124,16 @@ pub struct HoldView {
 impl HoldView {
     /// Its members as serde writes them (tested through the records that carry it).
     pub fn write(&self, o: &mut caracal_shared::audit::JsonObject<'_>) {
-        let mut id = [0u8; caracal_shared::ids::ID_TEXT_MAX];
-        o.str("budget_id", self.budget_id.encode(&mut id))
-            .str("unit", self.unit.as_str())
-            .int("reserved", self.reserved);
+        write_hold(o, self.budget_id, self.unit, self.reserved);
     }
+}
+
+/// The members a hold and a settlement share, as serde writes them.
+fn write_hold(o: &mut caracal_shared::audit::JsonObject<'_>, budget: BudgetId, unit: BudgetUnit, reserved: i64) {
+    let mut id = [0u8; caracal_shared::ids::ID_TEXT_MAX];
+    o.str("budget_id", budget.encode(&mut id))
+        .str("unit", unit.as_str())
+        .int("reserved", reserved);
 }
 
 pub struct Budgets {
@@ -494,9 +499,7 @@ impl Budgets {
             let mut m = self.windows.lock().unwrap_or_else(|p| p.into_inner());
             let e = m.entry(key).or_insert_with(|| WindowEntry {
                 window: None,
-                spent: self
-                    .spent_total
-                    .with_label_values(&[tenant, &b.name, unit_label(b.unit)]),
+                spent: self.spent_total.with_label_values(&[tenant, &b.name, b.unit.as_str()]),
             });
             if let Some(w) = &e.window
                 && now < w.resets_at
@@ -517,7 +520,8 @@ impl Budgets {
 }
 
 /// What a request cost, per budget.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub struct Settled {
     pub budget_id: BudgetId,
     pub unit: BudgetUnit,
@@ -528,11 +532,8 @@ pub struct Settled {
 impl Settled {
     /// Its members as serde writes them (tested through the settlement record).
     pub fn write(&self, o: &mut caracal_shared::audit::JsonObject<'_>) {
-        let mut id = [0u8; caracal_shared::ids::ID_TEXT_MAX];
-        o.str("budget_id", self.budget_id.encode(&mut id))
-            .str("unit", self.unit.as_str())
-            .int("reserved", self.reserved)
-            .int("actual", self.actual);
+        write_hold(o, self.budget_id, self.unit, self.reserved);
+        o.int("actual", self.actual);
     }
 }
 
@@ -624,13 +625,5 @@ impl Drop for Reservation {
                 self.owner.settle_hold(h, h.reserved);
             }
         }
-    }
-}
-
-pub fn unit_label(u: BudgetUnit) -> &'static str {
-    match u {
-        BudgetUnit::Micros => "micros",
-        BudgetUnit::Tokens => "tokens",
-        BudgetUnit::Requests => "requests",
     }
 }

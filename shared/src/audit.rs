@@ -480,7 +480,7 @@ async fn publish_loop(
         // cache line the emitting threads then missed). Never waits: only this task receives,
         // so a queue that is not empty stays so until it is read.
         if !rx.is_empty() {
-            let room = 1024usize.saturating_sub(batch.len()).max(1);
+            let room = 1024 - batch.len();
             rx.recv_many(&mut batch, room).await;
         }
         let n = batch.len();

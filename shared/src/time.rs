@@ -21,11 +21,7 @@ pub fn now_secs() -> i64 {
 /// the process, with no TSC read (which costs tens of nanoseconds in a VM). For checks at
 /// one-second granularity on every request's path (mandate expiry).
 pub fn coarse_now_secs() -> i64 {
-    #[cfg(target_os = "linux")]
-    if let Some(ts) = coarse(libc::CLOCK_REALTIME_COARSE) {
-        return ts.tv_sec;
-    }
-    now_secs()
+    coarse_now_micros() / 1_000_000
 }
 
 /// Microseconds since the Unix epoch from the coarse clock (see [`coarse_now_secs`]).
