@@ -4,16 +4,19 @@
 # Postgres's processes) over 10 s in its middle. With `perf` installed it also records a
 # `cpu-clock` profile of the whole machine for the same 10 s (perf slows the run by ~10 %).
 #
-#   bench/threads.sh "governed gateway" [postgres|sqlite]
+#   bench/threads.sh "governed gateway" [postgres|sqlite] [more caracal-bench gateway options]
+#
+# e.g. `bench/threads.sh "governed gateway" postgres --open-loop` for the fixed-rate loop at
+# 3,000 req/s (where the added latency is measured) instead of the closed loop.
 #
 # Postgres and Redis must answer on 127.0.0.1 for `postgres` (`.ci/run` starts them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name="$1"; store="${2:-postgres}"
+name="$1"; store="${2:-postgres}"; shift $(( $# < 2 ? $# : 2 ))
 BENCH_TOOLS="wrk cmake"
 . bench/setup.sh
 out="$(mktemp -d)"
-"$target/release/caracal-bench" gateway --store "$store" --seconds 20 --connections 32 --only "$name" >"$out/bench.txt" 2>&1 &
+"$target/release/caracal-bench" gateway --store "$store" --seconds 20 --connections 32 --only "$name" "$@" >"$out/bench.txt" 2>&1 &
 pid=$!
 sleep 9
 if command -v perf >/dev/null; then

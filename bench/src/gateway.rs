@@ -282,12 +282,20 @@ fn median_over<T>(rounds: &[T], f: impl Fn(&T) -> f64) -> f64 {
     v[v.len() / 2]
 }
 
+/// Profiling aid: one kind of loop on some targets only.
+pub struct Only {
+    /// Targets whose name is this, or else starts with it.
+    pub prefix: String,
+    /// The fixed-rate (open) loop instead of the closed loop.
+    pub fixed_rate: bool,
+}
+
 pub async fn run(
     store: Store,
     seconds: u64,
     connections: usize,
     rate: u64,
-    only: Option<String>,
+    only: Option<Only>,
     threads: usize,
     rounds: usize,
 ) {
@@ -398,8 +406,9 @@ pub async fn run(
         .output()
         .await
         .is_ok();
-    // Profiling aid: only the closed loop on the targets whose name starts with `only`.
-    if let Some(prefix) = only {
+    // Profiling aid: only the closed loop (or, with `fixed_rate`, the open loop) on the
+    // targets whose name starts with `only`.
+    if let Some(Only { prefix, fixed_rate }) = only {
         let exact = targets.iter().any(|t| t.name == prefix);
         for t in targets.iter().filter(|t| {
             if exact {
@@ -408,7 +417,9 @@ pub async fn run(
                 t.name.starts_with(prefix.as_str())
             }
         }) {
-            let s = if use_wrk {
+            let s = if fixed_rate {
+                open_loop(t.connect, 16, rate, Duration::from_secs(seconds), t.make()).await
+            } else if use_wrk {
                 wrk(t, connections, seconds).await.expect("wrk output")
             } else {
                 closed_loop(t.connect, connections, Duration::from_secs(seconds), t.make()).await

@@ -80,6 +80,10 @@ enum Cmd {
         /// Only the closed loop on targets whose name starts with this (for profiling).
         #[arg(long)]
         only: Option<String>,
+        /// With `--only`: the fixed-rate (open) loop at `--rate` instead of the closed loop
+        /// (to profile the gateway at the rate its added latency is measured).
+        #[arg(long)]
+        open_loop: bool,
         /// Proxy threads, for both the plain passthrough and the gateway.
         #[arg(long, default_value_t = 1)]
         threads: usize,
@@ -133,9 +137,16 @@ fn main() {
                 connections,
                 rate,
                 only,
+                open_loop,
                 threads,
                 rounds,
-            } => gateway::run(store, seconds, connections, rate, only, threads, rounds).await,
+            } => {
+                let only = only.map(|prefix| gateway::Only {
+                    prefix,
+                    fixed_rate: open_loop,
+                });
+                gateway::run(store, seconds, connections, rate, only, threads, rounds).await
+            }
             Cmd::Revocation { store, iterations } => revocation::run(store, iterations).await,
         }
     });
