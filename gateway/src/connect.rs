@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 
 use crate::decide::{AuditInfo, Established, Target, Who, credential};
 use crate::proxy::Proxy;
+use crate::request_id::RequestId;
 use crate::state::{Cached, Gateway, ResourceEntry};
 
 const MAX_HEAD: usize = 16 * 1024;
@@ -74,7 +75,7 @@ impl ServerApp for Front {
 struct Head {
     authority: String,
     secret: Option<String>,
-    request_id: String,
+    request_id: RequestId,
     /// Bytes the client sent after the head (to pass on).
     rest: Vec<u8>,
 }
@@ -111,10 +112,7 @@ async fn read_head(stream: &mut Stream) -> Result<Head, Error> {
                         .and_then(|h| std::str::from_utf8(h.value).ok())
                 };
                 let secret = get("proxy-authorization").and_then(credential).map(Cow::into_owned);
-                let request_id = get("x-request-id")
-                    .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
-                    .map(String::from)
-                    .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+                let request_id = RequestId::from_caller(get("x-request-id").map(str::as_bytes));
                 return Ok(Head {
                     authority,
                     secret,
@@ -194,7 +192,7 @@ impl Front {
             }
         };
         let info = AuditInfo {
-            request_id: head.request_id.as_str().into(),
+            request_id: head.request_id,
             source,
             kind: "connect",
             mode: "forward",

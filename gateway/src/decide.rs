@@ -206,7 +206,7 @@ impl serde::Serialize for DecisionEvent {
 
 /// Context for the audit event.
 pub struct AuditInfo {
-    pub request_id: Arc<str>,
+    pub request_id: crate::request_id::RequestId,
     pub source: Option<IpAddr>,
     pub kind: &'static str,
     pub mode: &'static str,
@@ -516,6 +516,7 @@ impl Gateway {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request_id::RequestId;
     use caracal_shared::audit::Record as _;
     use caracal_shared::ids::{AgentId, MandateId, ResourceId, SessionId, TenantId};
     use caracal_shared::mandate::{Claims, VerifiedMandate};
@@ -564,7 +565,7 @@ mod tests {
                     reserved: None,
                 },
                 info: AuditInfo {
-                    request_id: "0123abcd".into(),
+                    request_id: RequestId::parse(b"0123abcd").unwrap(),
                     source: Some("127.0.0.1".parse().unwrap()),
                     kind: "http",
                     mode: "forward",
@@ -595,7 +596,7 @@ mod tests {
                     ]),
                 },
                 info: AuditInfo {
-                    request_id: odd.into(),
+                    request_id: RequestId::parse(b"req-2_x.y").unwrap(),
                     source: Some("::ffff:10.0.0.1".parse().unwrap()),
                     kind: "http",
                     mode: "sidecar",
@@ -607,7 +608,7 @@ mod tests {
                 reason: "mandate_missing",
                 est: Established::default(),
                 info: AuditInfo {
-                    request_id: "-".into(),
+                    request_id: RequestId::UNKNOWN,
                     source: None,
                     kind: "connect",
                     mode: "forward",

@@ -18,6 +18,7 @@ pub mod intercept;
 pub mod metrics;
 pub mod mtls;
 pub mod proxy;
+pub mod request_id;
 pub mod revocation;
 pub mod server;
 pub mod state;

@@ -22,6 +22,7 @@ use pingora::proxy::FailToProxy;
 use crate::decide::{AuditInfo, Decision, Established, Target, Who, body_facts, credential};
 use crate::forward::Forwarder;
 use crate::intercept::TunnelCtx;
+use crate::request_id::RequestId;
 use crate::state::{Gateway, Injection};
 
 /// Largest body Pingora can replay to the upstream after the gateway read it.
@@ -44,9 +45,9 @@ pub struct Proxy {
 pub struct Ctx {
     /// When the request's head had been read (Pingora makes the context then).
     started: Instant,
-    /// This request's id (the client's `X-Request-Id` when usable, else a fresh one), shared
-    /// with its audit events.
-    rid: Option<Arc<str>>,
+    /// This request's id (the client's `X-Request-Id` when usable, else a fresh one), copied
+    /// into its audit events.
+    rid: RequestId,
     /// (Boxed: the context is moved with Pingora's futures, several times per request.)
     decision: Option<Box<Decision>>,
     /// Body read to decide (replayed or forwarded as a whole).
@@ -106,21 +107,8 @@ pub async fn respond_error(
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-fn request_id(req: &RequestHeader) -> Arc<str> {
-    match req.headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        Some(v)
-            if !v.is_empty()
-                && v.len() <= 64
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') =>
-        {
-            v.into()
-        }
-        _ => {
-            let mut buf = uuid::Uuid::encode_buffer();
-            (&*uuid::Uuid::new_v4().simple().encode_lower(&mut buf)).into()
-        }
-    }
+fn request_id(req: &RequestHeader) -> RequestId {
+    RequestId::from_caller(req.headers.get(X_REQUEST_ID).map(HeaderValue::as_bytes))
 }
 
 /// `part`, a slice of `whole`'s bytes, as a `str` (no second UTF-8 check; `None` if it is
@@ -717,12 +705,7 @@ impl Proxy {
 
 impl Ctx {
     fn request_id(&self) -> &str {
-        self.rid.as_deref().unwrap_or("-")
-    }
-
-    /// The request id as the audit records share it.
-    fn shared_request_id(&self) -> Arc<str> {
-        self.rid.clone().unwrap_or_else(|| "-".into())
+        self.rid.as_str()
     }
 }
 
@@ -743,7 +726,7 @@ impl Proxy {
             let c = &d.mandate.m.claims;
             let ev = SettlementRecord {
                 kind_of: "budget_settlement",
-                request_id: ctx.shared_request_id(),
+                request_id: ctx.rid,
                 agent: c.agent,
                 mandate_id: c.mandate_id,
                 resource: d.resource.res.id,
@@ -767,7 +750,7 @@ struct SettlementRecord {
     #[cfg_attr(test, serde(rename = "type"))]
     kind_of: &'static str,
     #[cfg_attr(test, serde(serialize_with = "as_str"))]
-    request_id: Arc<str>,
+    request_id: RequestId,
     agent: caracal_shared::ids::AgentId,
     mandate_id: caracal_shared::ids::MandateId,
     resource: caracal_shared::ids::ResourceId,
@@ -778,7 +761,7 @@ struct SettlementRecord {
 }
 
 #[cfg(test)]
-fn as_str<S: serde::Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+fn as_str<S: serde::Serializer>(v: &RequestId, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(v)
 }
 
@@ -821,7 +804,7 @@ impl ProxyHttp for Proxy {
     fn new_ctx(&self) -> Ctx {
         Ctx {
             started: Instant::now(),
-            rid: None,
+            rid: RequestId::UNKNOWN,
             decision: None,
             body: None,
             forward_target: String::new(),
@@ -832,7 +815,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
-        ctx.rid = Some(request_id(session.req_header()));
+        ctx.rid = request_id(session.req_header());
         let source = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let gw = &self.gw;
         let tunnel = gw
@@ -869,7 +852,7 @@ impl ProxyHttp for Proxy {
             }
         };
         let info = AuditInfo {
-            request_id: ctx.shared_request_id(),
+            request_id: ctx.rid,
             source,
             kind: "http",
             mode,
@@ -1158,7 +1141,7 @@ mod tests {
         ] {
             let ev = SettlementRecord {
                 kind_of: "budget_settlement",
-                request_id: "rid-1".into(),
+                request_id: RequestId::parse(b"rid-1").unwrap(),
                 agent: AgentId::new(),
                 mandate_id: MandateId::new(),
                 resource: ResourceId::new(),
