@@ -151,7 +151,33 @@ pub async fn closed_loop(addr: SocketAddr, workers: usize, duration: Duration, m
 
 /// Open loop: `rate` requests per second spread over `connections`, for `duration`. Latency
 /// counts from the scheduled send time.
+///
+/// The generator runs on a thread and scheduler of its own, as an outside load generator
+/// would (the closed loop's `wrk` is another process): on the benchmark's shared runtime, the
+/// in-process system's own tasks (the gateway's audit publisher among them) delayed its
+/// sends and the reading of its responses, which counted as latency of the target.
 pub async fn open_loop(
+    addr: SocketAddr,
+    connections: usize,
+    rate: u64,
+    duration: Duration,
+    make: MakeRequest,
+) -> Stats {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("load-generator".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("the load generator's runtime");
+            let _ = tx.send(rt.block_on(open_loop_here(addr, connections, rate, duration, make)));
+        })
+        .expect("the load generator's thread");
+    rx.await.expect("the load generator finished")
+}
+
+async fn open_loop_here(
     addr: SocketAddr,
     connections: usize,
     rate: u64,
