@@ -407,7 +407,7 @@ pub async fn run(
         .await
         .is_ok();
     // Profiling aid: only the closed loop (or, with `fixed_rate`, the open loop) on the
-    // targets whose name starts with `only`.
+    // targets named `prefix`, or else whose name starts with it.
     if let Some(Only { prefix, fixed_rate }) = only {
         let exact = targets.iter().any(|t| t.name == prefix);
         for t in targets.iter().filter(|t| {
