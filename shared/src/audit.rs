@@ -273,11 +273,8 @@ pub fn expand(ev: Event) -> Vec<Event> {
     }
 }
 
-/// The batch message for `items`, its body written into `body`'s allocation (whatever it held
-/// is cleared; the publisher hands back the last batch's).
-fn batch_envelope(items: &[Pending], mut body: Vec<u8>) -> Envelope {
-    body.clear();
-    body.reserve(
+fn batch_envelope(items: &[Pending]) -> Envelope {
+    let mut body: Vec<u8> = Vec::with_capacity(
         items
             .iter()
             .map(|p| match &p.body {
@@ -463,7 +460,6 @@ async fn publish_loop(
     shutdown: Shutdown,
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(1024);
-    let (mut body_buf, mut wire_buf) = (Vec::new(), Vec::new());
     loop {
         let first = tokio::select! {
             e = rx.recv() => e,
@@ -489,12 +485,7 @@ async fn publish_loop(
         }
         let n = batch.len();
         in_flight.store(n, Ordering::Relaxed);
-        // The batch's body and message are written into the last batch's buffers: a batch is
-        // tens of kilobytes under load, and fresh buffers cost the allocator new pages (zeroed
-        // by the kernel) on every batch.
-        let env = auth.sign(batch_envelope(&batch, std::mem::take(&mut body_buf)));
-        let payload = env.to_bytes_in(std::mem::take(&mut wire_buf));
-        body_buf = kept(env.body.into_bytes());
+        let payload = auth.sign(batch_envelope(&batch)).to_bytes();
         batch.clear();
         let mut backoff = Duration::from_millis(20);
         loop {
@@ -513,21 +504,6 @@ async fn publish_loop(
         }
         in_flight.store(0, Ordering::Relaxed);
         published.inc_by(n as u64);
-        // The bus has let go of the message once it answered (if not, the next batch allocates).
-        if let Ok(m) = payload.try_into_mut() {
-            wire_buf = kept(m.into());
-        }
-    }
-}
-
-/// A batch buffer to reuse, unless an outsized batch grew it (then it goes: memory stays
-/// bounded by ordinary batches).
-fn kept(buf: Vec<u8>) -> Vec<u8> {
-    const KEEP_AT_MOST: usize = 4 << 20;
-    if buf.capacity() <= KEEP_AT_MOST {
-        buf
-    } else {
-        Vec::new()
     }
 }
 
@@ -629,8 +605,7 @@ mod tests {
                 body: Body::Deferred(Box::new(Settled)),
             },
         ];
-        // A dirty buffer to write into, as the publisher hands back.
-        let env = batch_envelope(&items, b"left over".to_vec());
+        let env = batch_envelope(&items);
         let ev = Event {
             entry_id: "1-0".into(),
             id: env.id,
