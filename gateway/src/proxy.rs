@@ -227,6 +227,31 @@ fn raw_bearer(h: &[u8]) -> Option<&[u8]> {
     (scheme.eq_ignore_ascii_case(b"bearer") && !rest.is_empty()).then_some(rest)
 }
 
+/// The request's body, read whole (for a rule or budget that inspects it), at most `max` bytes.
+async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, Error> {
+    session.enable_retry_buffering();
+    let mut buf = BytesMut::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > max {
+                    return Err(too_big(max));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(buf.freeze()),
+            Err(_) => return Err(Error::bad_request("the request body could not be read")),
+        }
+    }
+}
+
+fn too_big(max: usize) -> Error {
+    Error::new(
+        ErrorCode::PayloadTooLarge,
+        format!("request bodies that policy inspects are limited to {max} bytes"),
+    )
+}
+
 /// Append to `to` every header of `from` that `drop` does not name (values in order, moved).
 fn move_kept(from: http::HeaderMap, to: &mut http::HeaderMap, drop: impl Fn(&HeaderName) -> bool) {
     let mut current: Option<HeaderName> = None;
@@ -437,9 +462,7 @@ impl Proxy {
         }
         let secret = self.secret(session.req_header(), tunnel);
         let cert = crate::mtls::peer_cert_of(session.digest().and_then(|d| d.ssl_digest.as_deref()));
-        self.gw
-            .authenticate(secret.as_deref(), cert.as_deref(), request_id)
-            .await
+        Box::pin(self.gw.authenticate(secret.as_deref(), cert.as_deref(), request_id)).await
     }
 
     /// The decision for an authenticated request, reading the body first when a rule needs
@@ -477,12 +500,6 @@ impl Proxy {
         let budgets = gw.budgets_for(&snap, &c, &r);
         let body_facts_v = if gw.needs_body(&snap, &c, &r, &t.method, &budgets) {
             let max = gw.rt.config.gateway.max_inspect_body;
-            let too_big = || {
-                Error::new(
-                    ErrorCode::PayloadTooLarge,
-                    format!("request bodies that policy inspects are limited to {max} bytes"),
-                )
-            };
             if let Some(len) = session
                 .req_header()
                 .headers
@@ -491,23 +508,12 @@ impl Proxy {
                 .and_then(|v| v.parse::<usize>().ok())
                 && len > max
             {
-                return Err(partial(too_big()));
+                return Err(partial(too_big(max)));
             }
-            session.enable_retry_buffering();
-            let mut buf = BytesMut::new();
-            loop {
-                match session.read_request_body().await {
-                    Ok(Some(chunk)) => {
-                        if buf.len() + chunk.len() > max {
-                            return Err(partial(too_big()));
-                        }
-                        buf.extend_from_slice(&chunk);
-                    }
-                    Ok(None) => break,
-                    Err(_) => return Err(partial(Error::bad_request("the request body could not be read"))),
-                }
-            }
-            let body = buf.freeze();
+            // (Boxed, as every await below that the common request does not reach: their
+            // futures would otherwise be laid out inside this one, which Pingora boxes and
+            // copies on every request.)
+            let body = Box::pin(read_body(session, max)).await.map_err(partial)?;
             let facts = body_facts(&body);
             ctx.body = Some(body);
             facts
@@ -527,7 +533,12 @@ impl Proxy {
         } else {
             t.host.clone()
         };
-        let addr = gw.resolve(&r, &upstream_host, r.base_port).await.map_err(partial)?;
+        let addr = match r.dns.get(&upstream_host, r.base_port) {
+            Some(a) => a,
+            None => Box::pin(gw.resolve(&r, &upstream_host, r.base_port))
+                .await
+                .map_err(partial)?,
+        };
         // Last step: reserve the worst case on every budget that applies.
         if !budgets.is_empty() {
             let body_len = ctx.body.as_ref().map(|b| b.len()).unwrap_or_else(|| {
@@ -546,9 +557,7 @@ impl Proxy {
                 max_tokens: body_facts_v.max_tokens,
                 body_len,
             };
-            let reservation = gw
-                .budgets
-                .reserve(budgets, tenant, r.pricing.clone(), rfacts)
+            let reservation = Box::pin(gw.budgets.reserve(budgets, tenant, r.pricing.clone(), rfacts))
                 .await
                 .map_err(partial)?;
             ctx.reservation = reservation.map(Box::new);
@@ -876,13 +885,13 @@ impl ProxyHttp for Proxy {
                         r.abort();
                     }
                     gw.metrics.decisions.with_label_values(&["deny", e.code.as_str()]).inc();
-                    respond_error(session, &e, false, ctx.request_id()).await?;
+                    Box::pin(respond_error(session, &e, false, ctx.request_id())).await?;
                     return Ok(true);
                 }
                 gw.metrics.allowed.inc();
                 ctx.decision = Some(Box::new(d));
                 if ctx.body.as_ref().is_some_and(|b| b.len() > REPLAY_LIMIT) {
-                    self.forward_buffered(session, ctx).await?;
+                    Box::pin(self.forward_buffered(session, ctx)).await?;
                     return Ok(true);
                 }
                 Ok(false)
@@ -899,7 +908,7 @@ impl ProxyHttp for Proxy {
                 if let Err(ae) = gw.audit_decision(false, e.code.as_str(), est, info) {
                     tracing::warn!(error = %ae, "a denial could not be audited");
                 }
-                respond_error(session, &e, self.proxy_auth(), ctx.request_id()).await?;
+                Box::pin(respond_error(session, &e, self.proxy_auth(), ctx.request_id())).await?;
                 Ok(true)
             }
         }
