@@ -535,12 +535,7 @@ impl Proxy {
         } else {
             t.host.clone()
         };
-        let addr = match r.dns.get(&upstream_host, r.base_port) {
-            Some(a) => a,
-            None => Box::pin(gw.resolve(&r, &upstream_host, r.base_port))
-                .await
-                .map_err(partial)?,
-        };
+        let addr = gw.resolve(&r, &upstream_host, r.base_port).await.map_err(partial)?;
         // Last step: reserve the worst case on every budget that applies.
         if !budgets.is_empty() {
             let body_len = ctx.body.as_ref().map(|b| b.len()).unwrap_or_else(|| {
@@ -643,7 +638,7 @@ impl Proxy {
         move_kept(req.headers.clone(), &mut headers, |n| {
             self.stripped(n) || n == header::CONNECTION
         });
-        self.add_headers(d, ctx.request_id(), false, &mut headers);
+        self.add_headers(d, &ctx.rid, false, &mut headers);
         if let Some(h) = b.headers_mut() {
             *h = headers;
         }
@@ -708,15 +703,9 @@ impl Proxy {
                     .upstream_errors
                     .with_label_values(&[e.code.as_str()])
                     .inc();
-                respond_error(session, &e, false, ctx.request_id()).await
+                respond_error(session, &e, false, &ctx.rid).await
             }
         }
-    }
-}
-
-impl Ctx {
-    fn request_id(&self) -> &str {
-        self.rid.as_str()
     }
 }
 
@@ -748,7 +737,7 @@ impl Proxy {
             };
             // Serialised by the audit publisher, not on this (the request's) thread.
             if let Err(e) = self.gw.audit.emit_record("metering", Some(c.tenant), ev) {
-                tracing::warn!(error = %e, request_id = %ctx.request_id(), "a budget settlement could not be recorded");
+                tracing::warn!(error = %e, request_id = %ctx.rid, "a budget settlement could not be recorded");
             }
         }
     }
@@ -853,7 +842,7 @@ impl ProxyHttp for Proxy {
         } else {
             match self.target(session.req_header(), tunnel.as_deref()) {
                 Err(e) => Err((e, None, Partial::default())),
-                Ok((t, bound)) => match self.authenticate(session, tunnel.as_deref(), ctx.request_id()).await {
+                Ok((t, bound)) => match self.authenticate(session, tunnel.as_deref(), &ctx.rid).await {
                     Err(e) => Err((e, Some(t), Partial::default())),
                     Ok(c) => match self.decide(session, &t, bound, c, ctx).await {
                         Ok(d) => Ok((t, d)),
@@ -887,7 +876,7 @@ impl ProxyHttp for Proxy {
                         r.abort();
                     }
                     gw.metrics.decisions.with_label_values(&["deny", e.code.as_str()]).inc();
-                    Box::pin(respond_error(session, &e, false, ctx.request_id())).await?;
+                    Box::pin(respond_error(session, &e, false, &ctx.rid)).await?;
                     return Ok(true);
                 }
                 gw.metrics.allowed.inc();
@@ -910,7 +899,7 @@ impl ProxyHttp for Proxy {
                 if let Err(ae) = gw.audit_decision(false, e.code.as_str(), est, info) {
                     tracing::warn!(error = %ae, "a denial could not be audited");
                 }
-                Box::pin(respond_error(session, &e, self.proxy_auth(), ctx.request_id())).await?;
+                Box::pin(respond_error(session, &e, self.proxy_auth(), &ctx.rid)).await?;
                 Ok(true)
             }
         }
@@ -975,7 +964,7 @@ impl ProxyHttp for Proxy {
         let sent = std::mem::take(&mut parts.headers);
         parts.headers = http::HeaderMap::with_capacity(sent.len() + 4);
         move_kept(sent, &mut parts.headers, |n| self.stripped(n));
-        self.add_headers(d, ctx.request_id(), host_ok, &mut parts.headers);
+        self.add_headers(d, &ctx.rid, host_ok, &mut parts.headers);
         let mut edited = RequestHeader::from(parts);
         // Parses the target into the request's URI too.
         edited.set_raw_path(ctx.forward_target.as_bytes())?;
@@ -1076,7 +1065,7 @@ impl ProxyHttp for Proxy {
                 _ => "the upstream could not be reached",
             },
         );
-        let _ = respond_error(session, &err, false, ctx.request_id()).await;
+        let _ = respond_error(session, &err, false, &ctx.rid).await;
         FailToProxy {
             error_code: err.status().as_u16(),
             can_reuse_downstream: false,

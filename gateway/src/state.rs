@@ -693,9 +693,15 @@ impl Gateway {
 
     /// Resolve (cached) and check `host:port` for a resource; returns a checked address.
     pub async fn resolve(&self, r: &Arc<ResourceEntry>, host: &str, port: u16) -> Result<SocketAddr> {
-        if let Some(a) = r.dns.get(host, port) {
-            return Ok(a);
+        match r.dns.get(host, port) {
+            Some(a) => Ok(a),
+            // Boxed: the resolver's future is large, and this one is laid out inside the
+            // request's (which Pingora boxes and copies on every request).
+            None => Box::pin(Self::resolve_uncached(r, host, port)).await,
         }
+    }
+
+    async fn resolve_uncached(r: &Arc<ResourceEntry>, host: &str, port: u16) -> Result<SocketAddr> {
         let addrs = r.guard.resolve_checked(host, port).await?;
         let first = *addrs
             .first()
