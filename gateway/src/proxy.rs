@@ -136,6 +136,19 @@ fn method_name(m: &http::Method) -> Cow<'static, str> {
     })
 }
 
+/// Whether a target's scheme is `https` (`Some(true)`) or `http` (`Some(false)`), in any case;
+/// `None` for any other scheme. (Compared in place: lower-casing a copy allocated on every
+/// request.)
+fn is_https(scheme: &[u8]) -> Option<bool> {
+    if scheme.eq_ignore_ascii_case(b"http") {
+        Some(false)
+    } else if scheme.eq_ignore_ascii_case(b"https") {
+        Some(true)
+    } else {
+        None
+    }
+}
+
 fn split_host_port(authority: &str, default_port: u16) -> Result<(String, u16), Error> {
     let bad = || Error::bad_request("invalid target authority");
     if authority.contains('@') {
@@ -399,11 +412,8 @@ impl Proxy {
                     authority,
                     path_and_query,
                 } => {
-                    let https = match scheme.to_ascii_lowercase().as_slice() {
-                        b"http" => false,
-                        b"https" => true,
-                        _ => return Err(Error::bad_request("only http and https targets are proxied")),
-                    };
+                    let https = is_https(scheme)
+                        .ok_or_else(|| Error::bad_request("only http and https targets are proxied"))?;
                     let authority = within(raw, authority).ok_or_else(|| Error::bad_request("invalid authority"))?;
                     let (host, port) = split_host_port(authority, if https { 443 } else { 80 })?;
                     let pq = within(raw, path_and_query).ok_or_else(|| Error::bad_request("invalid path"))?;
@@ -1236,6 +1246,24 @@ mod tests {
         assert_eq!(all("x-multi"), ["1", "2"]);
         assert!(m.get("proxy-authorization").is_none() && m.get("te").is_none());
         assert_eq!(m.len(), 4);
+    }
+
+    #[test]
+    fn schemes_are_http_or_https_in_any_case() {
+        for (s, want) in [
+            ("http", Some(false)),
+            ("HTTP", Some(false)),
+            ("hTtP", Some(false)),
+            ("https", Some(true)),
+            ("HTTPS", Some(true)),
+            ("ftp", None),
+            ("httpx", None),
+            ("http ", None),
+            ("", None),
+            ("ws", None),
+        ] {
+            assert_eq!(is_https(s.as_bytes()), want, "{s:?}");
+        }
     }
 
     #[test]
