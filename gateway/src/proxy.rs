@@ -137,8 +137,7 @@ fn method_name(m: &http::Method) -> Cow<'static, str> {
 }
 
 /// Whether a target's scheme is `https` (`Some(true)`) or `http` (`Some(false)`), in any case;
-/// `None` for any other scheme. (Compared in place: lower-casing a copy allocated on every
-/// request.)
+/// `None` for any other scheme (compared in place, without a lower-cased copy).
 fn is_https(scheme: &[u8]) -> Option<bool> {
     if scheme.eq_ignore_ascii_case(b"http") {
         Some(false)
@@ -238,6 +237,14 @@ fn raw_bearer(h: &[u8]) -> Option<&[u8]> {
     let sp = h.iter().position(|&b| b == b' ')?;
     let (scheme, rest) = (&h[..sp], h[sp + 1..].trim_ascii());
     (scheme.eq_ignore_ascii_case(b"bearer") && !rest.is_empty()).then_some(rest)
+}
+
+/// The request's declared `Content-Length`, when it is a number.
+fn content_length(req: &RequestHeader) -> Option<usize> {
+    req.headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// The request's body, read whole (for a rule or budget that inspects it), at most `max` bytes.
@@ -510,12 +517,7 @@ impl Proxy {
         let budgets = gw.budgets_for(&snap, &c, &r);
         let body_facts_v = if gw.needs_body(&snap, &c, &r, &t.method, &budgets) {
             let max = gw.rt.config.gateway.max_inspect_body;
-            if let Some(len) = session
-                .req_header()
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<usize>().ok())
+            if let Some(len) = content_length(session.req_header())
                 && len > max
             {
                 return Err(partial(too_big(max)));
@@ -548,15 +550,11 @@ impl Proxy {
         let addr = gw.resolve(&r, &upstream_host, r.base_port).await.map_err(partial)?;
         // Last step: reserve the worst case on every budget that applies.
         if !budgets.is_empty() {
-            let body_len = ctx.body.as_ref().map(|b| b.len()).unwrap_or_else(|| {
-                session
-                    .req_header()
-                    .headers
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<usize>().ok())
-                    .unwrap_or(0)
-            });
+            let body_len = ctx
+                .body
+                .as_ref()
+                .map(|b| b.len())
+                .unwrap_or_else(|| content_length(session.req_header()).unwrap_or(0));
             // The tenant's name labels the budget's spend metric (names, never ids).
             let tenant = snap.tenant_names.get(&c.m.claims.tenant).map_or("", |t| &**t);
             let rfacts = caracal_shared::metering::RequestFacts {
