@@ -5,8 +5,8 @@ SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 missing=()
 for tool in $BENCH_TOOLS; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 if [ ${#missing[@]} -gt 0 ]; then
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  $SUDO apt-get -o DPkg::Lock::Timeout=300 update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${missing[@]}" >/dev/null
 fi
 export CARACAL_TEST_DATABASE_URL="${CARACAL_TEST_DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
 export CARACAL_TEST_REDIS_URL="${CARACAL_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
