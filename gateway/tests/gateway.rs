@@ -851,6 +851,12 @@ async fn sidecar_mode(b: Backend) {
         .await
         .unwrap();
     assert_eq!(r.status, 200);
+    let seen = env.upstream.last();
+    assert!(!seen.headers.contains_key("x-caracal-mandate"));
+    assert!(
+        seen.headers.values().all(|v| !v.contains(&m[4..40])),
+        "the mandate never reaches the upstream"
+    );
     let r = env.client.get(&format!("{base}/v1/models")).await.unwrap();
     assert_eq!(r.status, 401);
     assert!(r.headers.contains_key("www-authenticate"));
