@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# CPU time per request by thread (user and kernel) for one target of the gateway benchmark:
+# CPU time per request by thread (user and kernel, and for the benchmark's own threads their
+# run-queue wait and preemptions) for one target of the gateway benchmark:
 # runs a closed-loop slice of `target` and reads /proc/<pid>/task/*/stat (and wrk's, Redis's and
 # Postgres's processes) over 10 s in its middle. With `perf` installed it also records a
 # `cpu-clock` profile of the whole machine for the same 10 s (perf slows the run by ~10 %).
