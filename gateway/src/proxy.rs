@@ -273,7 +273,8 @@ fn too_big(max: usize) -> Error {
 }
 
 /// Remove from `headers`, in place, every field whose name `drop` matches (all its values);
-/// the other fields keep all their values, in order. Each pass over the names removes up to
+/// each other field keeps all its values, in order (the order between different names may
+/// change, which HTTP leaves without meaning). Each pass over the names removes up to
 /// four of them; a request that carries none (the common case) costs one pass and no hashing.
 fn remove_matching(headers: &mut http::HeaderMap, drop: impl Fn(&HeaderName) -> bool) {
     loop {
