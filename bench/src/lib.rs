@@ -359,9 +359,12 @@ mod pacer {
                 if n == 8 {
                     return;
                 }
-                // Not yet expired (EAGAIN): wait for the next readiness; interrupted: read again.
-                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock {
-                    ready.clear_ready();
+                match std::io::Error::last_os_error().kind() {
+                    // Not yet expired: wait for the next readiness.
+                    std::io::ErrorKind::WouldBlock => ready.clear_ready(),
+                    std::io::ErrorKind::Interrupted => {}
+                    // Anything else would fail again at once: wait on tokio's timer instead.
+                    _ => return tokio::time::sleep_until(at.into()).await,
                 }
             }
         }
@@ -379,5 +382,42 @@ mod pacer {
         pub(crate) async fn until(&self, at: Instant) {
             tokio::time::sleep_until(at.into()).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pacer::Pacer;
+    use std::time::{Duration, Instant};
+
+    #[tokio::test]
+    async fn the_pacer_never_returns_before_the_time_it_was_given() {
+        let pacer = Pacer::new();
+        // A wait abandoned while its timer is armed leaves nothing behind for the next one.
+        let far = Instant::now() + Duration::from_secs(60);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(5), pacer.until(far))
+                .await
+                .is_err()
+        );
+        for i in 0..50u32 {
+            let at = Instant::now() + Duration::from_micros(50 + 20 * u64::from(i));
+            pacer.until(at).await;
+            assert!(Instant::now() >= at, "returned early on wait {i}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_pacer_returns_at_once_for_a_time_already_past() {
+        let pacer = Pacer::new();
+        let past = Instant::now() - Duration::from_millis(1);
+        // Polled once: a past time needs no timer and no wake-up.
+        let done = ready_on_first_poll(pacer.until(past)).await;
+        assert!(done, "a time already past is not waited for");
+    }
+
+    async fn ready_on_first_poll(f: impl std::future::Future<Output = ()>) -> bool {
+        let mut f = std::pin::pin!(f);
+        std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx).is_ready())).await
     }
 }
