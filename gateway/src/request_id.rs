@@ -19,8 +19,10 @@ impl RequestId {
     /// The id of a request that has none yet (a refusal before its head was read).
     pub const UNKNOWN: RequestId = RequestId::from_valid(b"-");
 
-    /// Copied from `b`, which [`Self::parse`] accepts (or is `-`).
+    /// Copied from `b`, which [`Self::parse`] accepts (or is `-`). Anything else that is not
+    /// ASCII of at most [`MAX_LEN`] bytes becomes `-`: [`Self::as_str`] relies on it.
     const fn from_valid(b: &[u8]) -> RequestId {
+        let b: &[u8] = if b.is_ascii() && b.len() <= MAX_LEN { b } else { b"-" };
         let mut bytes = [0u8; MAX_LEN];
         let mut i = 0;
         while i < b.len() {
@@ -57,9 +59,9 @@ impl RequestId {
     pub fn as_str(&self) -> &str {
         let b = &self.bytes[..usize::from(self.len)];
         debug_assert!(b.is_ascii());
-        // SAFETY: only ASCII is ever stored: `from_valid`, the one constructor, is given `-`,
-        // bytes `parse` checked, or the hex digits of `random`; the fields are private. (Checking
-        // again on every read cost ~170 instructions, several times per request.)
+        // SAFETY: only ASCII is ever stored: the fields are private and `from_valid`, the one
+        // constructor, stores nothing else. (Checking again as UTF-8 on every read cost ~170
+        // instructions, several times per request.)
         unsafe { std::str::from_utf8_unchecked(b) }
     }
 }
@@ -120,6 +122,10 @@ mod tests {
         assert_ne!(a.as_str(), b.as_str());
         assert_eq!(a.len(), 32);
         assert_eq!(RequestId::UNKNOWN.as_str(), "-");
+        // Whatever the constructor is given, it holds ASCII (`as_str` relies on it).
+        assert_eq!(RequestId::from_valid("é".as_bytes()).as_str(), "-");
+        assert_eq!(RequestId::from_valid(&[b'a'; MAX_LEN + 1]).as_str(), "-");
+        assert_eq!(RequestId::from_valid(b"abc").as_str(), "abc");
         assert_eq!(format!("{:?}", RequestId::UNKNOWN), "\"-\"");
     }
 }
