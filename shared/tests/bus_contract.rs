@@ -610,3 +610,127 @@ async fn redis_drop_prefix_deletes_its_own_keys_only() {
     assert_eq!(a.drop_prefix().await.unwrap(), 0);
     assert_eq!(b.drop_prefix().await.unwrap(), 1, "dropping a left b's keys alone");
 }
+
+/// A read whose reply is lost with its connection (Redis delivered the entries, so they are
+/// pending for the consumer, but the consumer never saw them) is handled at once, not after
+/// `claim_idle`: the blocking read is not silently re-sent on a new connection (which would
+/// read past those entries); it fails, and the consumer reads its own pending entries first.
+/// The consumer reaches Redis through a loopback relay that drops the connection carrying the
+/// first reply with the published entry, without forwarding it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_read_reply_lost_with_its_connection_is_handled_at_once() {
+    use caracal_shared::bus::Bus;
+    use caracal_shared::bus::redis::RedisBus;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let url = caracal_shared::testing::redis_url();
+    let prefix = format!("caracal_test_lost_{}:", uuid::Uuid::new_v4().simple());
+    let direct = RedisBus::connect(&url, &prefix).await.unwrap();
+    if let Err(e) = direct.ping().await {
+        caracal_shared::testing::unavailable("Redis", &e.to_string());
+        return;
+    }
+    let marker = format!("lost-reply-{}", uuid::Uuid::new_v4().simple());
+    let armed = Arc::new(AtomicBool::new(true));
+    let dropped = Arc::new(AtomicBool::new(false));
+
+    // The relay: client → Redis verbatim; Redis → client verbatim, except the first chunk
+    // holding the marker, on which both sides are closed.
+    let authority = url.trim_start_matches("redis://").split('/').next().unwrap_or_default();
+    let (userinfo, upstream) = match authority.rsplit_once('@') {
+        Some((u, h)) => (format!("{u}@"), h.to_string()),
+        None => (String::new(), authority.to_string()),
+    };
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let (m, a, d) = (marker.clone(), armed.clone(), dropped.clone());
+    let relay_task = tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = relay.accept().await else { return };
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                return;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut cr, &mut sw).await;
+            });
+            let (m, a, d) = (m.clone(), a.clone(), d.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match sr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    let chunk = &buf[..n];
+                    if chunk.windows(m.len()).any(|w| w == m.as_bytes()) && a.swap(false, Ordering::SeqCst) {
+                        d.store(true, Ordering::SeqCst);
+                        let _ = cw.shutdown().await;
+                        return; // drops both halves: the client sees the connection close
+                    }
+                    if cw.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+
+    let via_relay: Arc<dyn Bus> = Arc::new(
+        RedisBus::connect(&format!("redis://{userinfo}{relay_addr}"), &prefix)
+            .await
+            .unwrap(),
+    );
+    via_relay.ensure_group("work", "workers").await.unwrap();
+    struct Seen(Arc<Mutex<Vec<String>>>);
+    #[async_trait]
+    impl Handler for Seen {
+        async fn handle(&self, events: &[Event]) -> Result<()> {
+            let mut s = self.0.lock().unwrap();
+            s.extend(
+                events
+                    .iter()
+                    .map(|e| e.body["marker"].as_str().unwrap_or("").to_string()),
+            );
+            Ok(())
+        }
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let ring = KeyRing::generate("bus-test");
+    let auth = caracal_shared::testing::test_bus_auth(&ring);
+    let mut s = ConsumerSpec::new("work", "workers", "c1");
+    s.block = Duration::from_millis(100);
+    // Far beyond the test's patience: only the consumer's own recovery can deliver in time.
+    s.claim_idle = Duration::from_secs(600);
+    let sd = shutdown();
+    let consumer = tokio::spawn(run_group_consumer(
+        via_relay.clone(),
+        auth.clone(),
+        s,
+        Arc::new(Seen(seen.clone())),
+        sd.clone(),
+    ));
+    // Published directly (whenever the consumer gets to it, the first reply holding the entry
+    // is its blocking read's: its own pending list is empty until then, and nothing is idle
+    // long enough to be claimed).
+    let env_ = auth.sign(Envelope::new("work", "test", None, &json!({ "marker": marker })));
+    direct.publish("work", env_.to_bytes()).await.unwrap();
+
+    let handled = eventually(Duration::from_secs(10), || async { !seen.lock().unwrap().is_empty() }).await;
+    sd.trigger();
+    let _ = tokio::time::timeout(Duration::from_secs(5), consumer).await;
+    relay_task.abort();
+    let _ = direct.drop_prefix().await;
+    assert!(dropped.load(Ordering::SeqCst), "the relay never saw the reply to drop");
+    assert!(
+        handled,
+        "an entry whose read reply was lost stayed pending (it would wait for claim_idle)"
+    );
+    assert_eq!(
+        seen.lock().unwrap().as_slice(),
+        [marker.as_str()],
+        "handled exactly once"
+    );
+}

@@ -107,7 +107,14 @@ impl RedisBus {
         if let Some(c) = self.blockers.lock().unwrap().get(key) {
             return Ok(c.clone());
         }
-        let c = builder(&self.config).build().map_err(bus_err)?;
+        // Never re-sent after a dropped connection: a blocking read whose reply was lost with
+        // the connection has already delivered its entries (they are pending for this
+        // consumer), and re-sending it would read past them, leaving them unseen until another
+        // consumer reclaims them (`bus.claim_idle` later). As an error, the consumer loop reads
+        // its own pending entries first and handles them at once.
+        let mut b = builder(&self.config);
+        b.with_connection_config(|c| c.max_command_attempts = 1);
+        let c = b.build().map_err(bus_err)?;
         let _ = c.init().await;
         let mut map = self.blockers.lock().unwrap();
         Ok(map.entry(key.to_string()).or_insert(c).clone())
