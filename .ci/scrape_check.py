@@ -94,6 +94,45 @@ class Upstream(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def diagnose(logs, ports, work, redis=None, prefix=None, lines=25):
+    """Print the last log lines of every service, the audit service's ledger metrics and the
+    bus's consumer groups (pending entries per stream)."""
+    for s, f in logs.items():
+        try:
+            f.flush()
+            with open(f.name) as r:
+                tail = r.read().splitlines()[-lines:]
+        except OSError as e:
+            tail = [f"(cannot read: {e})"]
+        print(f"---- last {len(tail)} lines of {s}.log ----")
+        for line in tail:
+            print("    " + line[:400])
+    if "audit" in ports:
+        try:
+            st, text = http_call("GET", f"http://127.0.0.1:{ports['audit']}/metrics", timeout=5)
+        except OSError as e:
+            st, text = 0, str(e)
+        if st == 200 and isinstance(text, str):
+            print("---- audit metrics (ledger, bus) ----")
+            for line in text.splitlines():
+                if line.startswith(("caracal_audit", "caracal_bus")) and "_bucket" not in line:
+                    print("    " + line)
+    if redis and prefix:
+        host = urllib.parse.urlparse(redis)
+        cli = ["redis-cli", "-h", host.hostname or "127.0.0.1", "-p", str(host.port or 6379)]
+        try:
+            keys = subprocess.run(cli + ["--scan", "--pattern", prefix + "*"], capture_output=True,
+                                  text=True, timeout=10).stdout.split()
+            print("---- bus consumer groups (name, consumers, pending, last delivered) ----")
+            for k in sorted(keys):
+                r = subprocess.run(cli + ["XINFO", "GROUPS", k], capture_output=True, text=True, timeout=10)
+                if r.returncode == 0 and r.stdout.strip() and "ERR" not in r.stdout and "WRONGTYPE" not in r.stdout:
+                    print(f"    {k}: " + " ".join(r.stdout.split()))
+        except (OSError, subprocess.SubprocessError) as e:
+            print(f"    (cannot read the bus: {e})")
+    print(f"(logs in {work})")
+
+
 def key():
     return "hex:" + secrets.token_hex(32)
 
@@ -382,6 +421,12 @@ p1 = "{key()}"
         else:
             print("ok      logs are JSON; a request id sent to the gateway appears in the STS's logs")
         _ = gw_log
+    except BaseException as e:
+        # Say why before the processes are stopped: what the services logged last, and how
+        # far the ledger got (a CI run leaves nothing else behind to read).
+        print(str(e) if isinstance(e, SystemExit) else f"FAILED  {e!r}")
+        diagnose(logs, ports, work, redis, prefix)
+        raise
     finally:
         # SIGTERM: each process drains and exits 0 within its grace period (5 s) plus margin.
         for s, p in procs.items():
