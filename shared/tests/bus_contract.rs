@@ -659,13 +659,19 @@ async fn redis_a_read_reply_lost_with_its_connection_is_handled_at_once() {
             let (m, a, d) = (m.clone(), a.clone(), d.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 64 * 1024];
+                // The end of the previous chunk, so a marker split across reads is still seen
+                // (the reply is then cut mid-frame: lost all the same).
+                let mut tail: Vec<u8> = Vec::new();
                 loop {
                     let n = match sr.read(&mut buf).await {
                         Ok(0) | Err(_) => return,
                         Ok(n) => n,
                     };
                     let chunk = &buf[..n];
-                    if chunk.windows(m.len()).any(|w| w == m.as_bytes()) && a.swap(false, Ordering::SeqCst) {
+                    tail.extend_from_slice(chunk);
+                    let found = tail.windows(m.len()).any(|w| w == m.as_bytes());
+                    tail.drain(..tail.len().saturating_sub(m.len() - 1));
+                    if found && a.swap(false, Ordering::SeqCst) {
                         d.store(true, Ordering::SeqCst);
                         let _ = cw.shutdown().await;
                         return; // drops both halves: the client sees the connection close
