@@ -94,6 +94,12 @@ class Upstream(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def redis_cli(redis):
+    """The `redis-cli` command line for the Redis at URL `redis`."""
+    host = urllib.parse.urlparse(redis)
+    return ["redis-cli", "-h", host.hostname or "127.0.0.1", "-p", str(host.port or 6379)]
+
+
 def diagnose(logs, ports, work, redis=None, prefix=None, lines=25):
     """Print the last log lines of every service, the audit service's ledger metrics and the
     bus's consumer groups (pending entries per stream)."""
@@ -118,8 +124,7 @@ def diagnose(logs, ports, work, redis=None, prefix=None, lines=25):
                 if line.startswith(("caracal_audit", "caracal_bus")) and "_bucket" not in line:
                     print("    " + line)
     if redis and prefix:
-        host = urllib.parse.urlparse(redis)
-        cli = ["redis-cli", "-h", host.hostname or "127.0.0.1", "-p", str(host.port or 6379)]
+        cli = redis_cli(redis)
         try:
             keys = subprocess.run(cli + ["--scan", "--pattern", prefix + "*"], capture_output=True,
                                   text=True, timeout=10).stdout.split()
@@ -449,8 +454,7 @@ p1 = "{key()}"
                 prom.kill()
         up.shutdown()
         subprocess.run(["psql", pg, "-qc", f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)"], check=False)
-        host = urllib.parse.urlparse(redis)
-        cli = ["redis-cli", "-h", host.hostname or "127.0.0.1", "-p", str(host.port or 6379)]
+        cli = redis_cli(redis)
         keys = subprocess.run(cli + ["--scan", "--pattern", prefix + "*"], capture_output=True, text=True).stdout.split()
         for i in range(0, len(keys), 100):
             subprocess.run(cli + ["UNLINK"] + keys[i:i + 100], capture_output=True)
