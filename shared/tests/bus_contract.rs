@@ -50,6 +50,7 @@ contract!(
     forged_unsigned_and_replayed_messages_are_refused,
     a_lost_sequenced_event_is_noticed,
     transient_failures_are_retried_never_dead_lettered,
+    a_failing_event_is_dead_lettered_without_holding_up_the_rest,
 );
 
 fn payload(i: usize) -> Bytes {
@@ -578,6 +579,89 @@ async fn transient_failures_are_retried_never_dead_lettered(env: &BusEnv) {
     sd.trigger();
     task.await.unwrap();
     assert_eq!(metrics.rejected.with_label_values(&["work", "dead_letter"]).get(), 0);
+}
+
+/// Refuses the event whose `n` is 0 (a permanent error, as for a body the handler can never
+/// apply), applies every other one.
+struct Poisoned {
+    applied: Arc<Mutex<HashMap<u64, u32>>>,
+    poison_attempts: Arc<std::sync::atomic::AtomicU32>,
+}
+
+#[async_trait]
+impl Handler for Poisoned {
+    async fn handle(&self, events: &[Event]) -> Result<()> {
+        if events.iter().any(|e| e.body["n"] == 0) {
+            self.poison_attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(Error::bad_request("this event can never be applied"));
+        }
+        let mut applied = self.applied.lock().unwrap();
+        for e in events {
+            *applied.entry(e.body["n"].as_u64().unwrap()).or_default() += 1;
+        }
+        Ok(())
+    }
+}
+
+async fn a_failing_event_is_dead_lettered_without_holding_up_the_rest(env: &BusEnv) {
+    let auth = env.auth();
+    let publish = |n: u64| {
+        let e = auth.sign(Envelope::new("work", "test", None, &json!({ "n": n })));
+        env.bus.publish("work", e.to_bytes())
+    };
+    publish(0).await.unwrap();
+    let applied = Arc::new(Mutex::new(HashMap::new()));
+    let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let h = Poisoned {
+        applied: applied.clone(),
+        poison_attempts: attempts.clone(),
+    };
+    // Retried after 0.1, 0.2, 0.4, 0.8 and 1.6 s: dead-lettered at its sixth delivery, ~3 s on.
+    let mut s = spec("c");
+    s.max_deliveries = 6;
+    let sd = shutdown();
+    let metrics = auth.metrics().clone();
+    let task = tokio::spawn(run_group_consumer(
+        env.bus.clone(),
+        auth.clone(),
+        s,
+        Arc::new(h),
+        sd.clone(),
+    ));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            attempts.load(std::sync::atomic::Ordering::SeqCst) > 0
+        })
+        .await
+    );
+    for n in 1..=5 {
+        publish(n).await.unwrap();
+    }
+    // The events after it are handled while it still waits for its retries.
+    assert!(eventually(Duration::from_secs(10), || async { applied.lock().unwrap().len() == 5 }).await);
+    assert_eq!(
+        env.bus.pending_count("work", "workers").await.unwrap(),
+        1,
+        "the failing event is still pending, not yet dead-lettered, when the rest were handled"
+    );
+    assert_eq!(metrics.rejected.with_label_values(&["work", "dead_letter"]).get(), 0);
+    // Then it is dead-lettered: acknowledged, counted, never applied.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            env.bus.pending_count("work", "workers").await.unwrap() == 0
+        })
+        .await
+    );
+    sd.trigger();
+    task.await.unwrap();
+    assert_eq!(metrics.rejected.with_label_values(&["work", "dead_letter"]).get(), 1);
+    let applied = applied.lock().unwrap();
+    assert_eq!(applied.len(), 5);
+    assert!(
+        applied.values().all(|c| *c == 1),
+        "each other event applied once: {applied:?}"
+    );
+    assert!(!applied.contains_key(&0));
 }
 
 /// `RedisBus::drop_prefix` (benchmarks give a shared Redis its memory back): it deletes the

@@ -9,7 +9,10 @@
 //!
 //! A failing batch is retried one event at a time; an event that keeps failing with a
 //! *permanent* error (not a store or bus outage) after `max_deliveries` is dead-lettered:
-//! logged with its id, counted, acknowledged. Outages never dead-letter anything.
+//! logged with its id, counted, acknowledged. Outages never dead-letter anything. An outage
+//! pauses the consumer (nothing else could succeed either); an event failing on its own does
+//! not: it is retried from the consumer's pending entries on a backoff while new entries keep
+//! being read and handled.
 //!
 //! [`run_tail`] reads a stream from a position without a group (every reader sees every
 //! entry): gateways use it for revocations.
@@ -68,16 +71,29 @@ fn is_transient(code: ErrorCode) -> bool {
     )
 }
 
-/// Verify, apply and acknowledge one read. Returns Ok(true) when every entry was acknowledged.
+/// What became of one read's entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Every entry was acknowledged.
+    Done,
+    /// The handler reported an outage: everything read stays pending, to be retried once
+    /// the outage is over.
+    Outage,
+    /// Some events failed on their own (a permanent error, not yet `max_deliveries` times):
+    /// they stay pending; everything else was acknowledged.
+    Failing,
+}
+
+/// Verify, apply and acknowledge one read.
 async fn process(
     bus: &dyn Bus,
     auth: &BusAuth,
     spec: &ConsumerSpec,
     handler: &dyn Handler,
     entries: Vec<Entry>,
-) -> Result<bool> {
+) -> Result<Outcome> {
     if entries.is_empty() {
-        return Ok(true);
+        return Ok(Outcome::Done);
     }
     let mut dropped = Vec::new();
     let mut events = Vec::with_capacity(entries.len());
@@ -89,7 +105,7 @@ async fn process(
     }
     bus.ack(&spec.stream, &spec.group, &dropped).await?;
     if events.is_empty() {
-        return Ok(true);
+        return Ok(Outcome::Done);
     }
     match handler.handle(&events).await {
         Ok(()) => {
@@ -99,15 +115,15 @@ async fn process(
                 .consumed
                 .with_label_values(&[&spec.stream])
                 .inc_by(ids.len() as u64);
-            Ok(true)
+            Ok(Outcome::Done)
         }
         Err(e) if is_transient(e.code) => {
             tracing::warn!(stream = %spec.stream, group = %spec.group, error = %e, "consumer handler failed; will retry");
-            Ok(false)
+            Ok(Outcome::Outage)
         }
         Err(e) => {
             tracing::warn!(stream = %spec.stream, group = %spec.group, error = %e, "batch failed; retrying events one by one");
-            let mut all_acked = true;
+            let mut outcome = Outcome::Done;
             for ev in events {
                 match handler.handle(std::slice::from_ref(&ev)).await {
                     Ok(()) => {
@@ -124,10 +140,16 @@ async fn process(
                         bus.ack(&spec.stream, &spec.group, std::slice::from_ref(&ev.entry_id))
                             .await?;
                     }
-                    Err(_) => all_acked = false,
+                    // An outage met while retrying one by one pauses the consumer as above.
+                    Err(err) if is_transient(err.code) => outcome = Outcome::Outage,
+                    Err(_) => {
+                        if outcome == Outcome::Done {
+                            outcome = Outcome::Failing;
+                        }
+                    }
                 }
             }
-            Ok(all_acked)
+            Ok(outcome)
         }
     }
 }
@@ -140,20 +162,44 @@ pub async fn run_group_consumer(
     handler: Arc<dyn Handler>,
     shutdown: Shutdown,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+    const MAX_BACKOFF: Duration = Duration::from_secs(5);
+    // After an outage or a failed bus call: pause, then read this consumer's own pending
+    // entries before anything new (also at start: entries left by a crash).
+    let mut backoff = FIRST_BACKOFF;
     let mut drain_own = true;
+    // Events that failed on their own stay pending and are read again from this consumer's
+    // pending entries at `retry_at`, each time after a longer pause, while new entries keep
+    // being read and handled meanwhile.
+    let mut retry_at: Option<Instant> = None;
+    let mut retry_backoff = FIRST_BACKOFF;
     let claim_every = (spec.claim_idle / 2).max(Duration::from_millis(50));
     let mut last_claim = Instant::now() - claim_every;
     while !shutdown.is_triggered() {
-        let step: Result<bool> = async {
+        let retry_due = retry_at.is_some_and(|t| Instant::now() >= t);
+        let step: Result<Outcome> = async {
             bus.ensure_group(&spec.stream, &spec.group).await?;
-            if drain_own {
+            if drain_own || retry_due {
                 let mine = bus.read_own_pending(&spec.stream, &spec.group, &spec.consumer, spec.batch).await?;
                 if mine.is_empty() {
                     drain_own = false;
-                    return Ok(true);
+                    retry_at = None;
+                    retry_backoff = FIRST_BACKOFF;
+                    return Ok(Outcome::Done);
                 }
-                return process(bus.as_ref(), &auth, &spec, handler.as_ref(), mine).await;
+                let full = mine.len() >= spec.batch;
+                let outcome = process(bus.as_ref(), &auth, &spec, handler.as_ref(), mine).await?;
+                if outcome == Outcome::Done && retry_due && !full {
+                    // The retried events went through (or were dead-lettered).
+                    retry_at = None;
+                    retry_backoff = FIRST_BACKOFF;
+                }
+                if outcome == Outcome::Failing {
+                    // What failed waits for its next retry (read from the start of the pending
+                    // entries again, with whatever a full read left behind).
+                    drain_own = false;
+                }
+                return Ok(outcome);
             }
             if last_claim.elapsed() >= claim_every {
                 last_claim = Instant::now();
@@ -165,27 +211,39 @@ pub async fn run_group_consumer(
                     return process(bus.as_ref(), &auth, &spec, handler.as_ref(), claimed).await;
                 }
             }
-            let block = spec.block.min(claim_every);
+            let mut block = spec.block.min(claim_every);
+            if let Some(t) = retry_at {
+                block = block.min(t.saturating_duration_since(Instant::now()));
+            }
             let entries = tokio::select! {
                 r = bus.read_group(&spec.stream, &spec.group, &spec.consumer, spec.batch, block) => r?,
-                _ = shutdown.wait() => return Ok(true),
+                _ = shutdown.wait() => return Ok(Outcome::Done),
             };
             process(bus.as_ref(), &auth, &spec, handler.as_ref(), entries).await
         }
         .await;
         match step {
-            Ok(true) => backoff = Duration::from_millis(100),
-            Ok(false) => {
-                // Something stayed pending: come back to it after a pause.
+            Ok(Outcome::Done) => backoff = FIRST_BACKOFF,
+            Ok(Outcome::Failing) => {
+                backoff = FIRST_BACKOFF;
+                // Retry the failed events later; a retry that fails again waits longer. Events
+                // failing for the first time while a retry is already planned keep its time.
+                if retry_due || retry_at.is_none() {
+                    retry_at = Some(Instant::now() + retry_backoff);
+                    retry_backoff = (retry_backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+            Ok(Outcome::Outage) => {
+                // Everything read stays pending: come back to it after a pause.
                 drain_own = true;
                 sleep_or_shutdown(backoff, &shutdown).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
             Err(e) => {
                 tracing::warn!(stream = %spec.stream, group = %spec.group, error = %e, "consumer loop error; backing off");
                 drain_own = true;
                 sleep_or_shutdown(backoff, &shutdown).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
