@@ -387,14 +387,16 @@ impl Error {
 }
 
 /// Postgres SQLSTATE classes that mean "try again later": connection exceptions (08),
-/// insufficient resources (53), operator intervention (57: admin shutdown, cannot connect now).
-/// SQLite busy/locked (5, 6) behave the same way.
+/// insufficient resources (53), operator intervention (57: admin shutdown, cannot connect now,
+/// a statement cancelled by `statement_timeout`), a session ended for idling in a transaction
+/// (25P03). SQLite busy/locked (5, 6) behave the same way.
 fn is_transient_db_error(code: Option<&str>) -> bool {
     match code {
         Some(c) => {
             c.starts_with("08")
                 || c.starts_with("53")
                 || c.starts_with("57")
+                || c == "25P03"
                 || c == "5"
                 || c == "6"
                 || c == "40001"

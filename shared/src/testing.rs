@@ -191,6 +191,8 @@ pub fn db_config(url: &str) -> DatabaseConfig {
         url: url.to_string(),
         max_connections: 8,
         acquire_timeout: Duration::from_secs(10),
+        statement_timeout: Duration::from_secs(60),
+        idle_in_transaction_timeout: Duration::from_secs(120),
     }
 }
 

@@ -319,3 +319,61 @@ async fn ledger_partitioning_migration_keeps_existing_entries() {
     );
     db.cleanup().await;
 }
+
+/// Postgres sessions carry the configured server-side limits: a statement running past
+/// `database.statement_timeout` is cancelled and reported as a store outage (which consumers
+/// retry, never dead-letter); a transaction left idle past `database.idle_in_transaction_timeout`
+/// loses its session, and with it its locks; the pool goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sessions_carry_the_statement_and_idle_transaction_limits() {
+    let Some(db) = TestDb::postgres().await else { return };
+    let mut cfg = caracal_shared::testing::db_config(&db.url);
+    cfg.statement_timeout = Duration::from_millis(300);
+    cfg.idle_in_transaction_timeout = Duration::from_millis(300);
+    let store = Store::connect(&cfg).await.unwrap();
+    let caracal_shared::store::Backend::Pg(pool) = store.backend() else {
+        panic!("a Postgres store")
+    };
+    let started = std::time::Instant::now();
+    let err: caracal_shared::Error = sqlx::query("SELECT pg_sleep(30)")
+        .execute(pool)
+        .await
+        .unwrap_err()
+        .into();
+    assert_eq!(err.code, ErrorCode::StoreUnavailable, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "cancelled by the server");
+
+    // A transaction that takes a lock and then sits idle.
+    let mut tx = pool.begin().await.unwrap();
+    let (pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(4242)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    assert!(
+        caracal_shared::testing::eventually(Duration::from_secs(10), || async {
+            let n: std::result::Result<(i64,), _> =
+                sqlx::query_as("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+                    .bind(pid)
+                    .fetch_one(pool)
+                    .await;
+            n.is_ok_and(|(n,)| n == 0)
+        })
+        .await,
+        "the server ended the idle transaction's session"
+    );
+    let err: caracal_shared::Error = sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap_err().into();
+    assert_eq!(err.code, ErrorCode::StoreUnavailable, "{err}");
+    drop(tx);
+    // Its lock went with it; the pool serves on.
+    let (got,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock(4242)")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert!(got, "the idle transaction's lock was released");
+    store.close().await;
+    db.cleanup().await;
+}

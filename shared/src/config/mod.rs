@@ -29,6 +29,14 @@ pub struct DatabaseConfig {
     pub url: String,
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// Postgres: the longest any one statement may run before the server cancels it
+    /// (`statement_timeout`; 0 = no limit). A hung query then fails as a store outage instead
+    /// of holding its connection — and whatever waits on it — forever.
+    pub statement_timeout: Duration,
+    /// Postgres: the longest a transaction may sit idle (opened, nothing running) before the
+    /// server ends its session (`idle_in_transaction_session_timeout`; 0 = no limit), so a
+    /// stuck client cannot hold row or advisory locks others wait on.
+    pub idle_in_transaction_timeout: Duration,
 }
 
 impl DatabaseConfig {
@@ -63,6 +71,9 @@ impl fmt::Debug for DatabaseConfig {
         f.debug_struct("DatabaseConfig")
             .field("url", &redact_url(&self.url))
             .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("idle_in_transaction_timeout", &self.idle_in_transaction_timeout)
             .finish()
     }
 }
@@ -312,6 +323,12 @@ impl Config {
             url: src.get("database.url", default_db),
             max_connections: src.get("database.max_connections", 16u32),
             acquire_timeout: src.parse_with("database.acquire_timeout", Duration::from_secs(3), parse_duration),
+            statement_timeout: src.parse_with("database.statement_timeout", Duration::from_secs(30), parse_duration),
+            idle_in_transaction_timeout: src.parse_with(
+                "database.idle_in_transaction_timeout",
+                Duration::from_secs(60),
+                parse_duration,
+            ),
         };
         if database.kind().is_none() {
             src.invalid("database.url", "must start with postgres:// or sqlite:");

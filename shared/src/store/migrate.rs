@@ -68,6 +68,9 @@ impl Store {
         for m in MIGRATIONS {
             let mut t = self.begin().await?;
             if kind == DbKind::Postgres {
+                // A migration (or waiting for another instance's) may take longer than the
+                // sessions' statement limit: none for this transaction.
+                tx_exec!(t, sqlx::query("SET LOCAL statement_timeout = 0"))?;
                 tx_exec!(t, sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(LOCK_KEY))?;
             }
             let sql = m.sql(kind);

@@ -202,9 +202,23 @@ impl Store {
     pub async fn connect(cfg: &DatabaseConfig) -> Result<Store> {
         match db_kind(&cfg.url) {
             Some(DbKind::Postgres) => {
-                let port = sqlx::postgres::PgConnectOptions::from_str(&cfg.url)
-                    .map(|o| o.get_port())
-                    .unwrap_or(5432);
+                let invalid = |e: sqlx::Error| {
+                    Error::new(
+                        ErrorCode::ValidationFailed,
+                        format!("invalid database URL {}: {e}", redact_url(&cfg.url)),
+                    )
+                };
+                // Server-side limits, set on every session at its start (milliseconds).
+                let opts = sqlx::postgres::PgConnectOptions::from_str(&cfg.url)
+                    .map_err(invalid)?
+                    .options([
+                        ("statement_timeout", cfg.statement_timeout.as_millis().to_string()),
+                        (
+                            "idle_in_transaction_session_timeout",
+                            cfg.idle_in_transaction_timeout.as_millis().to_string(),
+                        ),
+                    ]);
+                let port = opts.get_port();
                 let pool = PgPoolOptions::new()
                     .after_connect(move |_conn, _meta| {
                         Box::pin(async move {
@@ -215,13 +229,7 @@ impl Store {
                     .max_connections(cfg.max_connections)
                     .acquire_timeout(cfg.acquire_timeout)
                     .idle_timeout(Duration::from_secs(300))
-                    .connect_lazy(&cfg.url)
-                    .map_err(|e| {
-                        Error::new(
-                            ErrorCode::ValidationFailed,
-                            format!("invalid database URL {}: {e}", redact_url(&cfg.url)),
-                        )
-                    })?;
+                    .connect_lazy_with(opts);
                 Ok(Store {
                     inner: Arc::new(Inner::Pg(pool)),
                     outbox_signal: Arc::new(tokio::sync::Notify::new()),
