@@ -30,10 +30,13 @@ pub struct LedgerWriter {
     pub metrics: Metrics,
 }
 
+/// A short text field of the body, copied into an indexed column of the entry (the body keeps
+/// it as written). Empty, long and NUL-bearing values are not copied: Postgres text cannot hold
+/// NUL, and one such value would fail its whole batch's append on every delivery.
 fn text(body: &Value, keys: &[&str]) -> Option<String> {
     keys.iter()
         .find_map(|k| body.get(*k).and_then(|v| v.as_str()))
-        .filter(|s| !s.is_empty() && s.len() <= 128)
+        .filter(|s| !s.is_empty() && s.len() <= 128 && !s.contains('\0'))
         .map(String::from)
 }
 

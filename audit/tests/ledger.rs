@@ -31,6 +31,7 @@ on_both_backends!(
     tenant_tokens_see_their_tenant_and_exports_verify_offline,
     consumers_killed_mid_load_lose_and_duplicate_nothing,
     retention_drops_old_entries_and_every_proof_about_the_rest_stays_valid,
+    an_event_with_a_nul_in_an_indexed_field_lands_with_its_batch,
 );
 
 struct Env {
@@ -215,6 +216,30 @@ fn record_of(v: &Value) -> Record {
         recorded_at: v["recorded_at"].as_i64().unwrap(),
         body: v["body"].clone(),
     }
+}
+
+/// A NUL in a field the ledger indexes (Postgres text cannot hold one) must not keep the event,
+/// or the batch it travels in, out of the ledger: it lands, with the field left unindexed and the
+/// body as written.
+async fn an_event_with_a_nul_in_an_indexed_field_lands_with_its_batch(b: Backend) {
+    let Some(env) = start(b).await else { return };
+    let t = TenantId::new();
+    for i in 0..10 {
+        env.decision(i, t, if i == 4 { "agt_\u{0}x" } else { "agt_a" });
+    }
+    env.wait_for_size(10).await;
+    let all = env.get(&env.platform, "/v1/ledger/entries?limit=100").await;
+    let items = all["items"].as_array().unwrap();
+    let odd = items
+        .iter()
+        .find(|e| e["body"]["n"] == 4)
+        .expect("the event is in the ledger");
+    assert_eq!(odd["body"]["agent"], "agt_\u{0}x", "its body as written");
+    let a = env
+        .get(&env.platform, "/v1/ledger/entries?agent_id=agt_a&limit=100")
+        .await;
+    assert_eq!(a["items"].as_array().unwrap().len(), 9);
+    env.stop().await;
 }
 
 async fn every_stream_lands_in_one_order_with_verifiable_proofs(b: Backend) {
