@@ -229,28 +229,6 @@ pub fn credential(header: &str) -> Option<Cow<'_, str>> {
     None
 }
 
-#[derive(Deserialize)]
-struct BodyProbe<'a> {
-    #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
-    #[serde(default)]
-    max_tokens: Option<i64>,
-    #[serde(default)]
-    max_completion_tokens: Option<i64>,
-    #[serde(default)]
-    max_output_tokens: Option<i64>,
-    #[serde(borrow, default)]
-    method: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    params: Option<ParamsProbe<'a>>,
-}
-
-#[derive(Deserialize)]
-struct ParamsProbe<'a> {
-    #[serde(borrow, default)]
-    name: Option<Cow<'a, str>>,
-}
-
 /// What a JSON request body says: its `model`, the MCP tool of a `tools/call`, and the most
 /// output tokens it asks for (`max_tokens`, `max_completion_tokens` or `max_output_tokens`).
 #[derive(Debug, Default, Clone)]
@@ -260,21 +238,199 @@ pub struct BodyFacts {
     pub max_tokens: Option<i64>,
 }
 
-pub fn body_facts(body: &[u8]) -> BodyFacts {
-    match serde_json::from_slice::<BodyProbe<'_>>(body) {
-        Ok(p) => {
-            let tool = match (p.method.as_deref(), p.params.and_then(|x| x.name)) {
-                (Some("tools/call"), Some(n)) => n.into_owned(),
-                _ => String::new(),
-            };
-            BodyFacts {
-                model: p.model.map(|m| m.into_owned()).unwrap_or_default(),
-                tool,
-                max_tokens: p.max_tokens.or(p.max_completion_tokens).or(p.max_output_tokens),
+/// Why a decision reads the request body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyNeed {
+    /// A rule or the resource's model allowlist matches on model or tool: the body must say
+    /// them unambiguously (one JSON object), or the request is refused.
+    Rules,
+    /// Only a budget prices it: a body that is not JSON (a file upload) is priced without
+    /// facts; one that looks like JSON must read unambiguously, as for rules.
+    Budget,
+}
+
+/// The fields the probe reads, matched as the most lenient common decoders match them: ASCII
+/// case-insensitively, with the two non-ASCII letters Go's `encoding/json` folds into ASCII
+/// ones (`ſ` → `s`, the Kelvin sign → `k`). A body naming one of them twice under any of
+/// those spellings is ambiguous (decoders differ on which one wins) and is refused.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Model,
+    MaxTokens,
+    MaxCompletionTokens,
+    MaxOutputTokens,
+    Method,
+    Params,
+}
+
+fn folds_to(key: &str, name: &str) -> bool {
+    let mut want = name.bytes();
+    for c in key.chars() {
+        let c = match c {
+            'ſ' => 's',
+            '\u{212A}' => 'k',
+            c => c.to_ascii_lowercase(),
+        };
+        if !c.is_ascii() || want.next() != Some(c as u8) {
+            return false;
+        }
+    }
+    want.next().is_none()
+}
+
+fn field_of(key: &str) -> Option<Field> {
+    [
+        ("model", Field::Model),
+        ("max_tokens", Field::MaxTokens),
+        ("max_completion_tokens", Field::MaxCompletionTokens),
+        ("max_output_tokens", Field::MaxOutputTokens),
+        ("method", Field::Method),
+        ("params", Field::Params),
+    ]
+    .into_iter()
+    .find(|(name, _)| folds_to(key, name))
+    .map(|(_, f)| f)
+}
+
+/// A token count: an integer, or a number with no fraction (`256.0`), as decoders accept it.
+struct Count(i64);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let n = serde_json::Number::deserialize(d)?;
+        if let Some(i) = n.as_i64() {
+            return Ok(Count(i));
+        }
+        match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(Count(f as i64)),
+            _ => Err(D::Error::custom("a token count must be a whole number")),
+        }
+    }
+}
+
+/// `params` of a JSON-RPC call: its `name` when it is an object (anything else says no tool).
+struct Params(Option<String>);
+
+impl<'de> Deserialize<'de> for Params {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Params;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("JSON-RPC params")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> std::result::Result<Params, A::Error> {
+                use serde::de::Error as _;
+                let mut name: Option<String> = None;
+                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+                    if folds_to(&k, "name") {
+                        if name.is_some() {
+                            return Err(A::Error::custom("params.name is given twice"));
+                        }
+                        name = Some(m.next_value::<String>()?);
+                    } else {
+                        m.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(Params(name))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> std::result::Result<Params, A::Error> {
+                while s.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Params(None))
+            }
+            fn visit_unit<E>(self) -> std::result::Result<Params, E> {
+                Ok(Params(None))
             }
         }
-        Err(_) => BodyFacts::default(),
+        d.deserialize_any(V)
     }
+}
+
+/// The body as the probe reads it: one JSON object, each field it reads at most once.
+struct Probe {
+    model: Option<String>,
+    max_tokens: [Option<i64>; 3],
+    method: Option<String>,
+    params: Option<Params>,
+}
+
+impl<'de> Deserialize<'de> for Probe {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Probe;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("one JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> std::result::Result<Probe, A::Error> {
+                use serde::de::Error as _;
+                let mut p = Probe {
+                    model: None,
+                    max_tokens: [None; 3],
+                    method: None,
+                    params: None,
+                };
+                let mut seen: Vec<Field> = Vec::new();
+                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+                    let Some(f) = field_of(&k) else {
+                        m.next_value::<serde::de::IgnoredAny>()?;
+                        continue;
+                    };
+                    if seen.contains(&f) {
+                        return Err(A::Error::custom(format_args!("the field {k:?} is given twice")));
+                    }
+                    seen.push(f);
+                    match f {
+                        Field::Model => p.model = Some(m.next_value()?),
+                        Field::MaxTokens => p.max_tokens[0] = Some(m.next_value::<Count>()?.0),
+                        Field::MaxCompletionTokens => p.max_tokens[1] = Some(m.next_value::<Count>()?.0),
+                        Field::MaxOutputTokens => p.max_tokens[2] = Some(m.next_value::<Count>()?.0),
+                        Field::Method => p.method = Some(m.next_value()?),
+                        Field::Params => p.params = Some(m.next_value()?),
+                    }
+                }
+                Ok(p)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Read what a request body says, for a decision that needs it (`need`). A body whose model or
+/// tool could be read differently by the upstream — not one JSON object (a JSON-RPC batch,
+/// trailing text, invalid JSON), a field given twice, a field of the wrong type — is refused
+/// (`invalid_json`): a rule that cannot read the body cannot be trusted to hold. An empty body
+/// says nothing; a budget-only read of a body that does not look like JSON says nothing either.
+pub fn body_facts(body: &[u8], need: BodyNeed) -> Result<BodyFacts> {
+    let text = body.trim_ascii_start();
+    if text.is_empty() || (need == BodyNeed::Budget && !matches!(text[0], b'{' | b'[')) {
+        return Ok(BodyFacts::default());
+    }
+    // (The decoder's own message is not passed on: it can quote the body.)
+    let p: Probe = serde_json::from_slice(body).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Data => "not one JSON object, or a field it reads is given twice or has the wrong type",
+            _ => "not valid JSON",
+        };
+        Error::new(
+            ErrorCode::InvalidJson,
+            format!(
+                "policy reads this request's body (one JSON object, each field it reads given once): {what} (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
+        )
+    })?;
+    let tool = match (p.method.as_deref(), p.params) {
+        (Some("tools/call"), Some(Params(Some(n)))) => n,
+        _ => String::new(),
+    };
+    Ok(BodyFacts {
+        model: p.model.unwrap_or_default(),
+        tool,
+        max_tokens: p.max_tokens.into_iter().flatten().next(),
+    })
 }
 
 impl Gateway {
@@ -389,32 +545,34 @@ impl Gateway {
         Ok((r, path))
     }
 
-    /// Whether deciding needs the request body (a rule or allowlist looks at model or tool,
-    /// or one of `budgets`, those the request draws from, counts tokens or money).
-    pub fn needs_body(
+    /// Whether deciding needs the request body, and why: a rule or allowlist looks at model or
+    /// tool, or one of `budgets`, those the request draws from, counts tokens or money.
+    pub fn body_need(
         &self,
         snap: &crate::state::Snapshot,
         c: &Cached,
         r: &ResourceEntry,
         method: &str,
         budgets: &[Arc<caracal_shared::store::admin::Budget>],
-    ) -> bool {
+    ) -> Option<BodyNeed> {
         if matches!(method, "GET" | "HEAD" | "DELETE" | "OPTIONS" | "CONNECT") {
-            return false;
+            return None;
         }
         let rule_needs = |m: &caracal_shared::policy::MatchRule| m.model.source() != ANY || m.tool.source() != ANY;
         if !r.models.is_empty() || c.m.rules_for(r.res.id).any(rule_needs) {
-            return true;
+            return Some(BodyNeed::Rules);
         }
-        if budgets
-            .iter()
-            .any(|b| b.unit != caracal_shared::store::admin::BudgetUnit::Requests)
-        {
-            return true;
-        }
-        c.m.resource(r.res.id)
+        if c.m
+            .resource(r.res.id)
             .and_then(|rc| snap.active.get(&(c.m.claims.tenant, rc.policy)))
             .is_some_and(|(_, p)| p.rules.iter().any(|x| rule_needs(&x.matcher)))
+        {
+            return Some(BodyNeed::Rules);
+        }
+        budgets
+            .iter()
+            .any(|b| b.unit != caracal_shared::store::admin::BudgetUnit::Requests)
+            .then_some(BodyNeed::Budget)
     }
 
     /// The budgets a request of this mandate on this resource draws from.
@@ -546,6 +704,69 @@ mod tests {
         let keys = std::collections::HashMap::from([(7u32, mandate::public_key_from_str(&public).unwrap())]);
         let v = VerifiedMandate::verify(&token, &keys, now).unwrap();
         Arc::new(Cached::new(v, &token))
+    }
+
+    #[test]
+    fn bodies_are_read_as_the_most_lenient_upstream_would_or_refused() {
+        let ok = |b: &str, need| body_facts(b.as_bytes(), need).unwrap();
+        let refused = |b: &str, need| {
+            let e = body_facts(b.as_bytes(), need).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidJson, "{b}");
+            assert!(!e.message.contains("secret"), "the body is not quoted: {}", e.message);
+        };
+        let f = ok(
+            r#"{"model":"gpt-4o","max_tokens":256,"messages":[{"model":"inner"}]}"#,
+            BodyNeed::Rules,
+        );
+        assert_eq!((f.model.as_str(), f.max_tokens), ("gpt-4o", Some(256)));
+        let f = ok(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_repo","arguments":{"name":"x"}}}"#,
+            BodyNeed::Rules,
+        );
+        assert_eq!(f.tool, "delete_repo");
+        assert_eq!(
+            ok(r#"{"method":"tools/list","params":{"name":"x"}}"#, BodyNeed::Rules).tool,
+            ""
+        );
+        assert_eq!(ok(r#"{"method":"tools/call","params":[1]}"#, BodyNeed::Rules).tool, "");
+        // Escapes in names are decoded, as every decoder does.
+        assert_eq!(ok(r#"{"mod\u0065l":"m"}"#, BodyNeed::Rules).model, "m");
+        // Whole-number floats are token counts.
+        assert_eq!(
+            ok(r#"{"max_completion_tokens":256.0}"#, BodyNeed::Rules).max_tokens,
+            Some(256)
+        );
+        // Nothing to read.
+        for b in ["", "  \r\n"] {
+            assert_eq!(ok(b, BodyNeed::Rules).model, "");
+        }
+        // A budget alone does not refuse a body that is not JSON (an upload); rules do.
+        assert_eq!(ok("--boundary\r\nmodel=x", BodyNeed::Budget).model, "");
+        refused("--boundary\r\nmodel=x", BodyNeed::Rules);
+        for need in [BodyNeed::Rules, BodyNeed::Budget] {
+            for b in [
+                // Given twice: decoders differ on which one wins.
+                r#"{"model":"gpt-4o","model":"gpt-4-expensive"}"#,
+                r#"{"model":"gpt-4o","Model":"gpt-4-expensive"}"#,
+                r#"{"model":"gpt-4o","MODEL":"gpt-4-expensive"}"#,
+                r#"{"max_tokens":1,"max_to\u212Aens":100000}"#,
+                r#"{"method":"tools/call","method":"tools/list"}"#,
+                r#"{"method":"tools/call","params":{"name":"a","NAME":"delete_repo"}}"#,
+                r#"{"method":"tools/call","params":{"name":"a"},"paramſ":{"name":"b"}}"#,
+                // Not one object.
+                r#"[{"method":"tools/call","params":{"name":"delete_repo"}}]"#,
+                r#"{"model":"a"} {"model":"b"}"#,
+                r#"{"model":"gpt-4-expensive",}"#,
+                r#"{"model":"secret"#,
+                // The wrong type.
+                r#"{"model":["secret"]}"#,
+                r#"{"max_tokens":"secret"}"#,
+                r#"{"max_tokens":2.5}"#,
+                r#"{"method":"tools/call","params":{"name":7}}"#,
+            ] {
+                refused(b, need);
+            }
+        }
     }
 
     #[test]

@@ -525,7 +525,7 @@ impl Proxy {
             )
         };
         let budgets = gw.budgets_for(&snap, &c, &r);
-        let body_facts_v = if gw.needs_body(&snap, &c, &r, &t.method, &budgets) {
+        let body_facts_v = if let Some(need) = gw.body_need(&snap, &c, &r, &t.method, &budgets) {
             let max = gw.rt.config.gateway.max_inspect_body;
             if let Some(len) = content_length(session.req_header())
                 && len > max
@@ -538,7 +538,7 @@ impl Proxy {
             // allocation for its reservation and still costs fewer instructions: see
             // bench/RESULTS.md.)
             let body = Box::pin(read_body(session, max)).await.map_err(partial)?;
-            let facts = body_facts(&body);
+            let facts = body_facts(&body, need).map_err(partial)?;
             ctx.body = Some(body);
             facts
         } else {

@@ -31,6 +31,7 @@ on_both_backends!(
     sidecar_mode,
     large_inspected_bodies_are_forwarded_whole,
     mtls_listener_takes_client_certificates,
+    deny_rules_on_models_and_tools_hold_for_bodies_decoders_read_differently,
 );
 
 fn auth(secret: &str) -> String {
@@ -1066,4 +1067,146 @@ async fn mtls_listener_takes_client_certificates(b: Backend) {
     assert_eq!(String::from_utf8_lossy(&o.stdout), "407");
     env.stop().await;
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A resource at `http://{host}:{upstream port}` (credential `sk-second-secret`, injected as
+/// `inject`), granted to the test agent under `policy`; its id.
+async fn add_resource(env: &Env, name: &str, host: &str, inject: serde_json::Value, policy: &str) -> String {
+    env.resolver.set(host, &["127.0.0.1"]);
+    let port = env.upstream.addr.port();
+    let r = env
+        .api(
+            Method::POST,
+            "/v1/resources",
+            Some(json!({
+                "name": name, "base_url": format!("http://{host}:{port}"), "inject": inject,
+                "credential": {"value": "sk-second-secret"}, "settings": {"egress_allow": ["127.0.0.1/32"]}
+            })),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text());
+    let id = r.json_value()["id"].as_str().unwrap().to_string();
+    let g = env
+        .api(
+            Method::POST,
+            "/v1/grants",
+            Some(json!({"agent_id": env.agent, "resource_id": id, "policy_id": policy, "scopes": ["*"]})),
+        )
+        .await;
+    assert!(g.status.is_success(), "{}", g.text());
+    id
+}
+
+/// A fresh mandate, once one gets a 200 for `method url body` (a new grant reaches the
+/// gateway through the bus).
+async fn mandate_reaching(env: &Env, method: &str, url: &str, body: &[u8]) -> String {
+    let found = std::sync::Mutex::new(String::new());
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let m = env.mandate(&[]).await;
+            let r = env
+                .via_proxy(
+                    method,
+                    url,
+                    &[
+                        ("proxy-authorization", &Env::basic(&m)),
+                        ("content-type", "application/json"),
+                    ],
+                    body,
+                )
+                .await;
+            let ok = r.status == 200;
+            if ok {
+                *found.lock().unwrap() = m;
+            }
+            ok
+        })
+        .await,
+        "the new grant never reached the gateway"
+    );
+    found.into_inner().unwrap()
+}
+
+/// Deny rules on `models:` and `tools:` hold whatever the body looks like: a body the upstream
+/// could read differently from the gateway (a field given twice, a JSON-RPC batch, a number
+/// written as a float) is either read as the upstream reads it or refused — it never passes
+/// as "no model, no tool".
+async fn deny_rules_on_models_and_tools_hold_for_bodies_decoders_read_differently(b: Backend) {
+    const DENY_POLICY: &str = r#"
+rules:
+  - id: chat
+    methods: [POST]
+    paths: ["/v1/chat/completions", "/mcp"]
+  - id: no-expensive
+    effect: deny
+    models: ["gpt-4-expensive"]
+  - id: no-delete
+    effect: deny
+    tools: ["delete_repo"]
+"#;
+    let Some(env) = start(b, |_| {}).await else { return };
+    let p = env
+        .api(
+            Method::POST,
+            "/v1/policies",
+            Some(json!({"name": "p2", "document": DENY_POLICY, "activate": true})),
+        )
+        .await;
+    assert!(p.status.is_success(), "{}", p.text());
+    let policy = p.json_value()["policy"]["id"].as_str().unwrap().to_string();
+    add_resource(&env, "llm", "llm.test", json!({"kind": "bearer"}), &policy).await;
+    let port = env.upstream.addr.port();
+    let chat = format!("http://llm.test:{port}/v1/chat/completions");
+    let mcp = format!("http://llm.test:{port}/mcp");
+    let m = mandate_reaching(&env, "POST", &chat, br#"{"model":"gpt-4o"}"#).await;
+    let a = Env::basic(&m);
+    let send = |url: &str, body: &str| {
+        let (a, url, body) = (a.clone(), url.to_string(), body.to_string());
+        let env = &env;
+        async move {
+            env.via_proxy(
+                "POST",
+                &url,
+                &[("proxy-authorization", &a), ("content-type", "application/json")],
+                body.as_bytes(),
+            )
+            .await
+        }
+    };
+    assert_eq!(send(&chat, r#"{"model":"gpt-4-expensive"}"#).await.status, 403);
+    let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_repo"}}"#;
+    assert_eq!(send(&mcp, call).await.status, 403);
+    let ambiguous = [
+        (
+            &chat,
+            r#"{"model":"gpt-4o","messages":[],"model":"gpt-4-expensive"}"#,
+            400,
+        ),
+        (&chat, r#"{"model":"gpt-4o","MODEL":"gpt-4-expensive"}"#, 400),
+        (&chat, r#"{"model":"gpt-4-expensive","max_tokens":256.0}"#, 403),
+        (&chat, r#"{"model":"gpt-4-expensive",}"#, 400),
+        (
+            &mcp,
+            r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_repo"}}]"#,
+            400,
+        ),
+    ];
+    for (url, body, status) in ambiguous {
+        let before = env.upstream.count();
+        let r = send(url, body).await;
+        assert_eq!(r.status, status, "{body}: {}", String::from_utf8_lossy(&r.body));
+        if status == 400 {
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!(v["error"]["code"], "invalid_json", "{body}: {v}");
+        }
+        assert_eq!(env.upstream.count(), before, "{body} never reaches the upstream");
+    }
+    // What reads one way everywhere still goes through.
+    let before = env.upstream.count();
+    assert_eq!(
+        send(&chat, r#"{"model":"gpt-4o","max_tokens":256.0}"#).await.status,
+        200
+    );
+    assert_eq!(env.upstream.count(), before + 1);
+    env.stop().await;
 }
