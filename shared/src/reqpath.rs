@@ -1,9 +1,11 @@
 //! Request-path normalisation, shared by the gateway (which authorizes and forwards) and the
 //! control plane's simulator (which must answer exactly as the gateway would).
 //!
-//! A path is percent-decoded once (into UTF-8) and its dot segments are resolved; the
-//! authorization sees that decoded form, and the gateway forwards it re-encoded
-//! ([`encode_path`]) so the upstream decodes exactly the path that was authorized. Refused
+//! A path is percent-decoded once (into UTF-8), its dot segments are resolved and each run of
+//! empty segments (`//`) is merged into one `/` (a trailing `/` is kept), as upstreams that
+//! merge slashes read it; the authorization sees that decoded form, and the gateway forwards
+//! it re-encoded ([`encode_path`]) so the upstream decodes exactly the path that was
+//! authorized. Refused
 //! outright, because upstreams disagree on what they mean: an encoded `/` or `\` (`%2F`,
 //! `%5C`), a backslash, `;` path parameters, NUL and control characters, invalid UTF-8 after
 //! decoding, dot segments that climb above the root, and paths that are not absolute.
@@ -68,16 +70,30 @@ static PLAIN: [bool; 256] = {
 
 /// Decode and normalise a raw request path (without the query).
 pub fn normalize(raw: &str) -> Result<String, PathError> {
-    // The common case: plain bytes and no dot segment; the normal form is the path itself.
-    // (Every segment follows a '/', so a path without "/." has no dot segment.)
-    if raw.len() <= MAX_PATH
-        && raw.starts_with('/')
-        && raw.bytes().all(is_plain)
-        && (!raw.as_bytes().windows(2).any(|w| w == b"/.") || !raw.split('/').any(|seg| seg == "." || seg == ".."))
-    {
-        return Ok(raw.to_string());
+    // The common case: plain bytes, no empty segment and no dot segment; the normal form is
+    // the path itself. (Every segment follows a '/', so a path without "/." has no dot
+    // segment, and one without "//" no empty segment but perhaps the last.)
+    if raw.len() <= MAX_PATH && raw.starts_with('/') && plain_without_empty_segments(raw.as_bytes()) {
+        let no_dot_segment =
+            !raw.as_bytes().windows(2).any(|w| w == b"/.") || !raw.split('/').any(|seg| seg == "." || seg == "..");
+        if no_dot_segment {
+            return Ok(raw.to_string());
+        }
     }
     normalize_slow(raw)
+}
+
+/// Whether every byte of `b` is plain ([`is_plain`]) and no '/' follows another.
+#[inline]
+fn plain_without_empty_segments(b: &[u8]) -> bool {
+    let mut after_slash = false;
+    for &c in b {
+        if !is_plain(c) || (after_slash && c == b'/') {
+            return false;
+        }
+        after_slash = c == b'/';
+    }
+    true
 }
 
 fn normalize_slow(raw: &str) -> Result<String, PathError> {
@@ -122,12 +138,15 @@ fn normalize_slow(raw: &str) -> Result<String, PathError> {
     if s.contains(';') {
         return Err(PathError::Parameters);
     }
-    // Resolve dot segments (RFC 3986 §5.2.4) on decoded segments.
+    // Resolve dot segments (RFC 3986 §5.2.4) on decoded segments, and merge each run of
+    // empty segments into one '/' (as upstreams that merge slashes read the path): an empty
+    // segment is dropped unless it is the last, which keeps a trailing '/'.
     let mut segs: Vec<&str> = Vec::new();
     let parts: Vec<&str> = s.split('/').skip(1).collect();
     let last = parts.len().saturating_sub(1);
     for (idx, seg) in parts.iter().enumerate() {
         match *seg {
+            "" if idx != last => {}
             "." => {
                 if idx == last {
                     segs.push("");
@@ -223,6 +242,19 @@ mod tests {
         ok("/v1/dir/.", "/v1/dir/");
         ok("/v1/dir/..", "/v1/");
         ok("/", "/");
+        // Runs of empty segments merge into one '/'; a trailing '/' is kept.
+        ok("/v1//admin/keys", "/v1/admin/keys");
+        ok("/v1///admin//keys", "/v1/admin/keys");
+        ok("//v1/admin", "/v1/admin");
+        ok("/v1/.//admin/keys", "/v1/admin/keys");
+        ok("/v1//./admin", "/v1/admin");
+        ok("/v1/x//../admin", "/v1/admin");
+        ok("/v1//%61dmin", "/v1/admin");
+        ok("/v1/", "/v1/");
+        ok("/v1//", "/v1/");
+        ok("/v1/dir//.", "/v1/dir/");
+        ok("//", "/");
+        ok("///", "/");
         let bad = |raw: &str, e: PathError| assert_eq!(normalize(raw), Err(e), "{raw}");
         bad("/v1/a%2fb", PathError::EncodedSeparator);
         bad("/v1/a%2Fb", PathError::EncodedSeparator);
