@@ -298,6 +298,24 @@ fn remove_matching(headers: &mut http::HeaderMap, drop: impl Fn(&HeaderName) -> 
     }
 }
 
+/// The fields a message's `Connection` header nominates (RFC 9110 §7.6.1), as the raw tokens
+/// (any case); the `keep-alive` and `close` options name no field and are left out. Most
+/// messages carry no `Connection`, or only those options: then this yields nothing, and
+/// allocates nothing either way.
+fn connection_nominations(headers: &http::HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"))
+}
+
+/// Whether `headers`' `Connection` nominates the field `name`.
+fn nominated(headers: &http::HeaderMap, name: &HeaderName) -> bool {
+    connection_nominations(headers).any(|t| t.eq_ignore_ascii_case(name.as_str().as_bytes()))
+}
+
 /// Request headers that never go upstream: the caller's authority and hop-by-hop fields
 /// (`Connection` and what it names are handled by Pingora and the forwarder).
 const STRIPPED: [HeaderName; 7] = [
@@ -653,7 +671,12 @@ impl Proxy {
             .method(req.method.clone())
             .uri(ctx.forward_target.as_str());
         let mut headers = req.headers.clone();
-        remove_matching(&mut headers, |n| self.stripped(n) || n == header::CONNECTION);
+        // `Connection` goes, and so do the fields it nominates (RFC 9110 §7.6.1), as on
+        // Pingora's path; `Host` and the credential are set again below.
+        let nominates = connection_nominations(&req.headers).next().is_some();
+        remove_matching(&mut headers, |n| {
+            self.stripped(n) || n == header::CONNECTION || nominates && nominated(&req.headers, n)
+        });
         self.add_headers(d, &ctx.rid, false, &mut headers);
         if let Some(h) = b.headers_mut() {
             *h = headers;
@@ -1263,6 +1286,24 @@ mod tests {
         assert_eq!(all("x-multi"), ["1", "2"]);
         assert!(m.get("proxy-authorization").is_none() && m.get("te").is_none());
         assert_eq!(m.len(), 4);
+    }
+
+    #[test]
+    fn connection_nominates_the_fields_it_names_in_any_case_but_not_its_options() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(connection_nominations(&h).count(), 0);
+        h.append("connection", HeaderValue::from_static("keep-alive"));
+        h.append("connection", HeaderValue::from_static(" Close ,, "));
+        assert_eq!(connection_nominations(&h).count(), 0, "options name no field");
+        h.append("connection", HeaderValue::from_static("Keep-Alive, X-Hop ,x-other"));
+        assert_eq!(
+            connection_nominations(&h).collect::<Vec<_>>(),
+            [&b"X-Hop"[..], b"x-other"]
+        );
+        assert!(nominated(&h, &HeaderName::from_static("x-hop")));
+        assert!(nominated(&h, &HeaderName::from_static("x-other")));
+        assert!(!nominated(&h, &HeaderName::from_static("x-ho")));
+        assert!(!nominated(&h, &HeaderName::from_static("keep-alive")));
     }
 
     #[test]

@@ -31,6 +31,7 @@ on_both_backends!(
     real_clients_curl_and_python,
     sidecar_mode,
     large_inspected_bodies_are_forwarded_whole,
+    connection_nominated_fields_are_dropped_on_both_forwarding_paths,
     mtls_listener_takes_client_certificates,
     deny_rules_on_models_and_tools_hold_for_bodies_decoders_read_differently,
 );
@@ -969,6 +970,52 @@ async fn large_inspected_bodies_are_forwarded_whole(b: Backend) {
         )
         .await;
     assert_eq!(r.status, 200);
+    env.stop().await;
+}
+
+/// Hop-by-hop fields a request names in `Connection` (RFC 9110 §7.6.1) never reach the
+/// upstream, whichever forwarder sends the request (Pingora's, or the gateway's own for an
+/// inspected body larger than the replay buffer).
+async fn connection_nominated_fields_are_dropped_on_both_forwarding_paths(b: Backend) {
+    let Some(env) = start(b, |_| {}).await else { return };
+    let m = env.mandate(&[]).await;
+    let url = format!("{}/v1/chat/completions", env.api_url());
+    let small = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let big = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(100 * 1024)}]}).to_string();
+    let mut leaked = Vec::new();
+    for (what, body) in [("small (Pingora)", &small), ("large (own forwarder)", &big)] {
+        let r = env
+            .via_proxy(
+                "POST",
+                &url,
+                &[
+                    ("proxy-authorization", &auth(&m)),
+                    ("content-type", "application/json"),
+                    ("connection", "keep-alive, X-Hop-Secret"),
+                    ("x-hop-secret", "for-the-proxy-only"),
+                    ("x-end-to-end", "kept"),
+                ],
+                body.as_bytes(),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{what}: {}", String::from_utf8_lossy(&r.body));
+        let seen = env.upstream.last();
+        assert_eq!(seen.body.len(), body.len(), "{what}");
+        assert_eq!(
+            seen.headers.get("x-end-to-end").map(String::as_str),
+            Some("kept"),
+            "{what}"
+        );
+        assert_eq!(seen.headers["authorization"], "Bearer sk-upstream-secret-42", "{what}");
+        if seen.headers.contains_key("x-hop-secret") || seen.headers.contains_key("connection") {
+            leaked.push(format!(
+                "{what}: x-hop-secret={:?} connection={:?}",
+                seen.headers.get("x-hop-secret"),
+                seen.headers.get("connection")
+            ));
+        }
+    }
+    assert!(leaked.is_empty(), "hop-by-hop fields reached the upstream: {leaked:?}");
     env.stop().await;
 }
 
