@@ -316,13 +316,40 @@ fn nominated(headers: &http::HeaderMap, name: &HeaderName) -> bool {
     connection_nominations(headers).any(|t| t.eq_ignore_ascii_case(name.as_str().as_bytes()))
 }
 
+/// Remove an upstream response's hop-by-hop fields (RFC 9110 §7.6.1): `Keep-Alive` and the
+/// fields its `Connection` nominates, except those Pingora writes the client's response from
+/// (`Connection` itself, which it rewrites, and the framing). A response without them (the
+/// common case) costs a lookup and a scan of `Connection`, and allocates nothing.
+fn strip_response_hop_by_hop(resp: &mut ResponseHeader) {
+    if resp.headers.contains_key(KEEP_ALIVE) {
+        resp.remove_header(&KEEP_ALIVE);
+    }
+    if connection_nominations(&resp.headers).next().is_some() {
+        let names: Vec<HeaderName> = connection_nominations(&resp.headers)
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
+            .filter(|n| !kept_in_response(n))
+            .collect();
+        for n in &names {
+            resp.remove_header(n);
+        }
+    }
+}
+
+/// Response fields a `Connection` nomination never removes: `Connection` (rewritten by
+/// Pingora) and the framing the client's response is written from.
+fn kept_in_response(name: &HeaderName) -> bool {
+    name == header::CONNECTION || name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
 /// Request headers that never go upstream: the caller's authority and hop-by-hop fields
 /// (`Connection` and what it names are handled by Pingora and the forwarder).
 const STRIPPED: [HeaderName; 7] = [
     header::PROXY_AUTHORIZATION,
     HeaderName::from_static("proxy-connection"),
     X_CARACAL_MANDATE,
-    HeaderName::from_static("keep-alive"),
+    KEEP_ALIVE,
     header::TE,
     header::TRAILER,
     header::UPGRADE,
@@ -699,8 +726,16 @@ impl Proxy {
                     ctx.usage = Some(Box::new(caracal_shared::metering::UsageScanner::new(ct)));
                 }
                 let mut rh = ResponseHeader::build(parts.status, Some(parts.headers.len()))?;
+                // Hop-by-hop fields stay on the upstream's hop: `Connection`, `Keep-Alive`,
+                // what `Connection` nominates (RFC 9110 §7.6.1), and the framing (Pingora
+                // frames the client's response).
+                let nominates = connection_nominations(&parts.headers).next().is_some();
                 for (k, v) in parts.headers.iter() {
-                    if k == header::CONNECTION || k == header::TRANSFER_ENCODING || k.as_str() == "keep-alive" {
+                    if k == header::CONNECTION
+                        || k == header::TRANSFER_ENCODING
+                        || k == KEEP_ALIVE
+                        || nominates && !kept_in_response(k) && nominated(&parts.headers, k)
+                    {
                         continue;
                     }
                     rh.append_header(k.clone(), v.clone())?;
@@ -1045,6 +1080,7 @@ impl ProxyHttp for Proxy {
                 .unwrap_or("");
             ctx.usage = Some(Box::new(caracal_shared::metering::UsageScanner::new(ct)));
         }
+        strip_response_hop_by_hop(resp);
         Ok(())
     }
 
@@ -1304,6 +1340,26 @@ mod tests {
         assert!(nominated(&h, &HeaderName::from_static("x-other")));
         assert!(!nominated(&h, &HeaderName::from_static("x-ho")));
         assert!(!nominated(&h, &HeaderName::from_static("keep-alive")));
+    }
+
+    #[test]
+    fn upstream_responses_lose_their_hop_by_hop_fields_but_not_their_framing() {
+        let mut r = ResponseHeader::build(200, None).unwrap();
+        r.append_header("content-type", "application/json").unwrap();
+        r.append_header("content-length", "2").unwrap();
+        strip_response_hop_by_hop(&mut r);
+        assert_eq!(r.headers.len(), 2, "nothing to strip");
+        r.append_header("Connection", "keep-alive, X-Up-Hop, content-length")
+            .unwrap();
+        r.append_header("connection", "transfer-encoding, Connection").unwrap();
+        r.append_header("X-Up-Hop", "a").unwrap();
+        r.append_header("x-up-hop", "b").unwrap();
+        r.append_header("Keep-Alive", "timeout=5").unwrap();
+        strip_response_hop_by_hop(&mut r);
+        assert!(r.headers.get("x-up-hop").is_none() && r.headers.get("keep-alive").is_none());
+        assert_eq!(r.headers["content-length"], "2");
+        assert_eq!(r.headers["content-type"], "application/json");
+        assert_eq!(r.headers.get_all("connection").iter().count(), 2, "Pingora rewrites it");
     }
 
     #[test]

@@ -32,6 +32,7 @@ on_both_backends!(
     sidecar_mode,
     large_inspected_bodies_are_forwarded_whole,
     connection_nominated_fields_are_dropped_on_both_forwarding_paths,
+    upstream_response_hop_by_hop_fields_do_not_reach_the_client,
     mtls_listener_takes_client_certificates,
     deny_rules_on_models_and_tools_hold_for_bodies_decoders_read_differently,
 );
@@ -1016,6 +1017,151 @@ async fn connection_nominated_fields_are_dropped_on_both_forwarding_paths(b: Bac
         }
     }
     assert!(leaked.is_empty(), "hop-by-hop fields reached the upstream: {leaked:?}");
+    env.stop().await;
+}
+
+/// Wait until a fresh mandate gets a 200 at `url` (once a new grant has reached the gateway);
+/// the mandate.
+async fn mandate_reaching(env: &Env, method: &str, url: &str, body: &[u8]) -> String {
+    let found = std::sync::Mutex::new(String::new());
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let m = env.mandate(&[]).await;
+            let r = env
+                .via_proxy(
+                    method,
+                    url,
+                    &[("proxy-authorization", &auth(&m)), ("content-type", "application/json")],
+                    body,
+                )
+                .await;
+            let ok = r.status == 200;
+            if ok {
+                *found.lock().unwrap() = m;
+            }
+            ok
+        })
+        .await,
+        "the new grant never reached the gateway"
+    );
+    found.into_inner().unwrap()
+}
+
+/// A raw HTTP/1.1 upstream (keep-alive, `Content-Length` request bodies) whose answers the
+/// test writes byte for byte: a request with the query `hop` gets a response carrying
+/// hop-by-hop fields; any other, a plain 200 `ok`.
+async fn raw_upstream() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { continue };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut b = [0u8; 16 * 1024];
+                loop {
+                    // One whole request (head, then as many body bytes as it declares).
+                    let (head_end, len) = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                            let len = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if buf.len() >= i + 4 + len {
+                                break (i + 4, len);
+                            }
+                        }
+                        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await {
+                            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&b[..n]),
+                            _ => return,
+                        }
+                    };
+                    let line = String::from_utf8_lossy(&buf[..head_end])
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    let target = line.split(' ').nth(1).unwrap_or("");
+                    let resp: &[u8] = if target.ends_with("?hop") {
+                        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Up-Hop\r\nX-Up-Hop: secret\r\nKeep-Alive: timeout=5\r\nX-Up-End: kept\r\nContent-Length: 2\r\n\r\nok"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                    };
+                    buf.drain(..head_end + len);
+                    if s.write_all(resp).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// RFC 9110 §7.6.1: a proxy removes the fields an upstream response names in `Connection`
+/// (and `Keep-Alive`) before forwarding the response, on Pingora's path and on the gateway's
+/// own forwarder's (inspected bodies over the replay buffer).
+async fn upstream_response_hop_by_hop_fields_do_not_reach_the_client(b: Backend) {
+    let Some(env) = start(b, |_| {}).await else { return };
+    let raddr = raw_upstream().await;
+    env.resolver.set("raw.test", &["127.0.0.1"]);
+    let r = env
+        .api(
+            Method::POST,
+            "/v1/resources",
+            Some(json!({
+                "name": "raw", "base_url": format!("http://raw.test:{}", raddr.port()), "inject": {"kind": "bearer"},
+                "credential": {"value": "sk-raw"}, "settings": {"egress_allow": ["127.0.0.1/32"]}
+            })),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text());
+    let rid = r.json_value()["id"].as_str().unwrap().to_string();
+    let g = env
+        .api(
+            Method::POST,
+            "/v1/grants",
+            Some(json!({"agent_id": env.agent, "resource_id": rid, "policy_id": env.policy, "scopes": ["*"]})),
+        )
+        .await;
+    assert!(g.status.is_success(), "{}", g.text());
+    let base = format!("http://raw.test:{}", raddr.port());
+    let m = mandate_reaching(&env, "GET", &format!("{base}/v1/plain"), b"").await;
+    let big = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(100 * 1024)}]}).to_string();
+    let mut leaked = Vec::new();
+    // The upstream answers `Connection: keep-alive, X-Up-Hop` / `X-Up-Hop` / `Keep-Alive`.
+    for (what, method, path, body) in [
+        ("Pingora", "GET", "/v1/models?hop", ""),
+        ("own forwarder", "POST", "/v1/chat/completions?hop", big.as_str()),
+    ] {
+        let r = env
+            .via_proxy(
+                method,
+                &format!("{base}{path}"),
+                &[("proxy-authorization", &auth(&m)), ("content-type", "application/json")],
+                body.as_bytes(),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{what}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(&r.body[..], b"ok", "{what}");
+        assert_eq!(
+            r.headers.get("x-up-end").map(|v| v.as_bytes()),
+            Some(&b"kept"[..]),
+            "{what}"
+        );
+        leaked.extend(
+            ["x-up-hop", "keep-alive"]
+                .iter()
+                .filter_map(|h| r.headers.get(*h).map(|v| format!("{what}: {h}: {v:?}"))),
+        );
+    }
+    assert!(
+        leaked.is_empty(),
+        "hop-by-hop response fields reached the client: {leaked:?}"
+    );
     env.stop().await;
 }
 
