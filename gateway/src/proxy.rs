@@ -212,8 +212,7 @@ fn forward_target(base: Option<&str>, path: &str, query: Option<&str>, injected:
     let mut sep = '?';
     for p in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         if let Some((name, _)) = injected
-            && p.strip_prefix(name)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('='))
+            && param_named(p, name)
         {
             continue;
         }
@@ -228,6 +227,35 @@ fn forward_target(base: Option<&str>, path: &str, query: Option<&str>, injected:
         out.push_str(value);
     }
     out
+}
+
+/// Whether the query parameter `param` (`name` or `name=value`, as sent) is named `name` once
+/// its name is decoded as an upstream decodes it (form decoding: `%XX` is the byte it
+/// encodes, `+` a space; a `%` not followed by two hex digits is itself). Compared byte by
+/// byte as it decodes: nothing is allocated.
+fn param_named(param: &str, name: &str) -> bool {
+    let raw = param.as_bytes();
+    let raw = &raw[..raw.iter().position(|&b| b == b'=').unwrap_or(raw.len())];
+    let mut want = name.as_bytes().iter();
+    let mut i = 0;
+    while i < raw.len() {
+        let (c, step) = match raw[i] {
+            b'%' => match (
+                raw.get(i + 1).and_then(|c| caracal_shared::http::hex_val(*c)),
+                raw.get(i + 2).and_then(|c| caracal_shared::http::hex_val(*c)),
+            ) {
+                (Some(h), Some(l)) => (h * 16 + l, 3),
+                _ => (b'%', 1),
+            },
+            b'+' => (b' ', 1),
+            c => (c, 1),
+        };
+        if want.next() != Some(&c) {
+            return false;
+        }
+        i += step;
+    }
+    want.next().is_none()
 }
 
 /// The token of a `Bearer` authorization header, as [`credential`] would split it (the
@@ -1289,6 +1317,27 @@ mod tests {
         assert_eq!(
             forward_target(None, "/v1", Some("key=mine&keys=2&key&q=key"), key),
             "/v1?keys=2&q=key&key=s3cret"
+        );
+        // Names are compared as the upstream decodes them (`%XX`, and `+` as a space).
+        assert_eq!(
+            forward_target(
+                None,
+                "/v1",
+                Some("k%65y=mine&%6Bey=2&%6b%65%79&x=1&KEY=3&ke%79s=4"),
+                key
+            ),
+            "/v1?x=1&KEY=3&ke%79s=4&key=s3cret"
+        );
+        let spaced = Some(("api key", "s3cret"));
+        assert_eq!(
+            forward_target(None, "/v1", Some("api+key=1&api%20key=2&api%2Bkey=3&apikey=4"), spaced),
+            "/v1?api%2Bkey=3&apikey=4&api key=s3cret"
+        );
+        // A '%' that encodes nothing is itself.
+        let pct = Some(("k%", "s3cret"));
+        assert_eq!(
+            forward_target(None, "/v1", Some("k%=1&k%25=2&k%2=3&k%zz=4"), pct),
+            "/v1?k%2=3&k%zz=4&k%=s3cret"
         );
     }
 

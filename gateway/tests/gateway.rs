@@ -33,6 +33,7 @@ on_both_backends!(
     large_inspected_bodies_are_forwarded_whole,
     connection_nominated_fields_are_dropped_on_both_forwarding_paths,
     upstream_response_hop_by_hop_fields_do_not_reach_the_client,
+    no_client_query_parameter_shadows_an_injected_query_credential,
     mtls_listener_takes_client_certificates,
     deny_rules_on_models_and_tools_hold_for_bodies_decoders_read_differently,
 );
@@ -1161,6 +1162,128 @@ async fn upstream_response_hop_by_hop_fields_do_not_reach_the_client(b: Backend)
     assert!(
         leaked.is_empty(),
         "hop-by-hop response fields reached the client: {leaked:?}"
+    );
+    env.stop().await;
+}
+
+/// A second resource (`name` at `host`, on the loopback echo upstream) granted to the test
+/// agent under `policy`; its id.
+async fn add_resource(env: &Env, name: &str, host: &str, inject: serde_json::Value, policy: &str) -> String {
+    env.resolver.set(host, &["127.0.0.1"]);
+    let port = env.upstream.addr.port();
+    let r = env
+        .api(
+            Method::POST,
+            "/v1/resources",
+            Some(json!({
+                "name": name, "base_url": format!("http://{host}:{port}"), "inject": inject,
+                "credential": {"value": "sk-second-secret"}, "settings": {"egress_allow": ["127.0.0.1/32"]}
+            })),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text());
+    let id = r.json_value()["id"].as_str().unwrap().to_string();
+    let g = env
+        .api(
+            Method::POST,
+            "/v1/grants",
+            Some(json!({"agent_id": env.agent, "resource_id": id, "policy_id": policy, "scopes": ["*"]})),
+        )
+        .await;
+    assert!(g.status.is_success(), "{}", g.text());
+    id
+}
+
+/// Form decoding, as an upstream decodes query names and values (`%XX`, `+` as a space).
+fn pct_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(v) = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The query pairs of a request target, decoded as an upstream decodes them.
+fn query_pairs(target: &str) -> Vec<(String, String)> {
+    let q = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (n, v) = p.split_once('=').unwrap_or((p, ""));
+            (pct_decode(n), pct_decode(v))
+        })
+        .collect()
+}
+
+/// With a query-parameter credential, no parameter the client sends may be read by the upstream
+/// as that parameter: the upstream decodes names, so `k%65y` is `key`.
+async fn no_client_query_parameter_shadows_an_injected_query_credential(b: Backend) {
+    let Some(env) = start(b, |_| {}).await else { return };
+    add_resource(
+        &env,
+        "qapi",
+        "q.test",
+        json!({"kind": "query", "name": "key"}),
+        &env.policy,
+    )
+    .await;
+    let port = env.upstream.addr.port();
+    let m = mandate_reaching(&env, "GET", &format!("http://q.test:{port}/v1/models"), b"").await;
+    let a = auth(&m);
+    let mut bad = Vec::new();
+    for (q, others) in [
+        ("key=mine", vec![]),
+        ("k%65y=mine", vec![]),
+        ("%6Bey=mine", vec![]),
+        ("%6b%65%79=mine&x=1", vec![("x", "1")]),
+        ("KEY=mine&x=1", vec![("KEY", "mine"), ("x", "1")]),
+        ("keys=2&ke%79s=3", vec![("keys", "2"), ("keys", "3")]),
+    ] {
+        let r = env
+            .via_proxy(
+                "GET",
+                &format!("http://q.test:{port}/v1/models?{q}"),
+                &[("proxy-authorization", &a)],
+                b"",
+            )
+            .await;
+        assert_eq!(r.status, 200, "{q}: {}", String::from_utf8_lossy(&r.body));
+        let target = env.upstream.last().target;
+        let pairs = query_pairs(&target);
+        let keys: Vec<&str> = pairs
+            .iter()
+            .filter(|(n, _)| n == "key")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        if keys != ["sk-second-secret"] {
+            bad.push(format!(
+                "{q} -> upstream target {target} (decoded `key` values {keys:?})"
+            ));
+        }
+        let rest: Vec<(&str, &str)> = pairs
+            .iter()
+            .filter(|(n, _)| n != "key")
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(rest, others, "{q}: the client's other parameters are kept, in order");
+    }
+    assert!(
+        bad.is_empty(),
+        "client parameters shadow the injected credential:\n{}",
+        bad.join("\n")
     );
     env.stop().await;
 }
