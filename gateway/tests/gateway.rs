@@ -1441,64 +1441,6 @@ async fn mtls_listener_takes_client_certificates(b: Backend) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A resource at `http://{host}:{upstream port}` (credential `sk-second-secret`, injected as
-/// `inject`), granted to the test agent under `policy`; its id.
-async fn add_resource(env: &Env, name: &str, host: &str, inject: serde_json::Value, policy: &str) -> String {
-    env.resolver.set(host, &["127.0.0.1"]);
-    let port = env.upstream.addr.port();
-    let r = env
-        .api(
-            Method::POST,
-            "/v1/resources",
-            Some(json!({
-                "name": name, "base_url": format!("http://{host}:{port}"), "inject": inject,
-                "credential": {"value": "sk-second-secret"}, "settings": {"egress_allow": ["127.0.0.1/32"]}
-            })),
-        )
-        .await;
-    assert!(r.status.is_success(), "{}", r.text());
-    let id = r.json_value()["id"].as_str().unwrap().to_string();
-    let g = env
-        .api(
-            Method::POST,
-            "/v1/grants",
-            Some(json!({"agent_id": env.agent, "resource_id": id, "policy_id": policy, "scopes": ["*"]})),
-        )
-        .await;
-    assert!(g.status.is_success(), "{}", g.text());
-    id
-}
-
-/// A fresh mandate, once one gets a 200 for `method url body` (a new grant reaches the
-/// gateway through the bus).
-async fn mandate_reaching(env: &Env, method: &str, url: &str, body: &[u8]) -> String {
-    let found = std::sync::Mutex::new(String::new());
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            let m = env.mandate(&[]).await;
-            let r = env
-                .via_proxy(
-                    method,
-                    url,
-                    &[
-                        ("proxy-authorization", &Env::basic(&m)),
-                        ("content-type", "application/json"),
-                    ],
-                    body,
-                )
-                .await;
-            let ok = r.status == 200;
-            if ok {
-                *found.lock().unwrap() = m;
-            }
-            ok
-        })
-        .await,
-        "the new grant never reached the gateway"
-    );
-    found.into_inner().unwrap()
-}
-
 /// Deny rules on `models:` and `tools:` hold whatever the body looks like: a body the upstream
 /// could read differently from the gateway (a field given twice, a JSON-RPC batch, a number
 /// written as a float) is either read as the upstream reads it or refused — it never passes
