@@ -187,7 +187,19 @@ impl Front {
         let head = match read_head(&mut client).await {
             Ok(h) => h,
             Err(e) => {
-                write_error(&mut client, &e, "-").await;
+                // Refused before anything could be read from the request: recorded all the
+                // same (every decision is), under a fresh request id the client also gets.
+                let request_id = RequestId::from_caller(None);
+                gw.metrics.tunnels.with_label_values(&["deny"]).inc();
+                gw.metrics.decisions.with_label_values(&["deny", e.code.as_str()]).inc();
+                let info = AuditInfo {
+                    request_id,
+                    source,
+                    kind: "connect",
+                    mode: "forward",
+                };
+                let _ = gw.audit_decision(false, e.code.as_str(), Established::default(), info);
+                write_error(&mut client, &e, &request_id).await;
                 return;
             }
         };

@@ -275,6 +275,28 @@ async fn every_denial_has_its_status_code_and_audit_event(b: Backend) {
         );
     }
     assert_eq!(env.upstream.count(), before, "no denied request reached the upstream");
+    // A CONNECT whose head cannot be read is refused and recorded too, under the request id
+    // the client is given.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(env.proxy).await.unwrap();
+        s.write_all(b"CONNECT \x01bad\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+        let body: serde_json::Value = serde_json::from_str(&text[text.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+        let rid = body["error"]["request_id"].as_str().unwrap().to_string();
+        assert_ne!(rid, "-");
+        assert!(
+            env.audited(|e| e["kind"] == "connect"
+                && e["decision"] == "deny"
+                && e["reason"] == "bad_request"
+                && e["request_id"] == rid.as_str())
+                .await,
+            "the refused CONNECT is audited under {rid}"
+        );
+    }
     // An expired mandate.
     let short = env.mandate(&[("lifetime", "1")]).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
