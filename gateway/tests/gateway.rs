@@ -1130,27 +1130,15 @@ async fn raw_upstream() -> std::net::SocketAddr {
 async fn upstream_response_hop_by_hop_fields_do_not_reach_the_client(b: Backend) {
     let Some(env) = start(b, |_| {}).await else { return };
     let raddr = raw_upstream().await;
-    env.resolver.set("raw.test", &["127.0.0.1"]);
-    let r = env
-        .api(
-            Method::POST,
-            "/v1/resources",
-            Some(json!({
-                "name": "raw", "base_url": format!("http://raw.test:{}", raddr.port()), "inject": {"kind": "bearer"},
-                "credential": {"value": "sk-raw"}, "settings": {"egress_allow": ["127.0.0.1/32"]}
-            })),
-        )
-        .await;
-    assert!(r.status.is_success(), "{}", r.text());
-    let rid = r.json_value()["id"].as_str().unwrap().to_string();
-    let g = env
-        .api(
-            Method::POST,
-            "/v1/grants",
-            Some(json!({"agent_id": env.agent, "resource_id": rid, "policy_id": env.policy, "scopes": ["*"]})),
-        )
-        .await;
-    assert!(g.status.is_success(), "{}", g.text());
+    add_resource_at(
+        &env,
+        "raw",
+        "raw.test",
+        raddr.port(),
+        json!({"kind": "bearer"}),
+        &env.policy,
+    )
+    .await;
     let base = format!("http://raw.test:{}", raddr.port());
     let m = mandate_reaching(&env, "GET", &format!("{base}/v1/plain"), b"").await;
     let big = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(100 * 1024)}]}).to_string();
@@ -1191,8 +1179,19 @@ async fn upstream_response_hop_by_hop_fields_do_not_reach_the_client(b: Backend)
 /// A second resource (`name` at `host`, on the loopback echo upstream) granted to the test
 /// agent under `policy`; its id.
 async fn add_resource(env: &Env, name: &str, host: &str, inject: serde_json::Value, policy: &str) -> String {
+    add_resource_at(env, name, host, env.upstream.addr.port(), inject, policy).await
+}
+
+/// [`add_resource`] for an upstream on another loopback `port`.
+async fn add_resource_at(
+    env: &Env,
+    name: &str,
+    host: &str,
+    port: u16,
+    inject: serde_json::Value,
+    policy: &str,
+) -> String {
     env.resolver.set(host, &["127.0.0.1"]);
-    let port = env.upstream.addr.port();
     let r = env
         .api(
             Method::POST,
@@ -1216,38 +1215,9 @@ async fn add_resource(env: &Env, name: &str, host: &str, inject: serde_json::Val
     id
 }
 
-/// Form decoding, as an upstream decodes query names and values (`%XX`, `+` as a space).
-fn pct_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && let Some(v) = b
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The query pairs of a request target, decoded as an upstream decodes them.
 fn query_pairs(target: &str) -> Vec<(String, String)> {
-    let q = target.split_once('?').map(|(_, q)| q).unwrap_or("");
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (n, v) = p.split_once('=').unwrap_or((p, ""));
-            (pct_decode(n), pct_decode(v))
-        })
-        .collect()
+    caracal_shared::http::parse_form(target.split_once('?').map(|(_, q)| q).unwrap_or(""))
 }
 
 /// With a query-parameter credential, no parameter the client sends may be read by the upstream
