@@ -27,7 +27,6 @@ on_both_backends!(
     a_stale_revocation_feed_fails_closed,
     egress_bypass_attempts_are_refused,
     paths_are_normalised_and_forwarded_as_authorized,
-    empty_path_segments_do_not_slip_past_a_deny_rule,
     real_clients_curl_and_python,
     sidecar_mode,
     large_inspected_bodies_are_forwarded_whole,
@@ -701,54 +700,13 @@ async fn paths_are_normalised_and_forwarded_as_authorized(b: Backend) {
         let r = get(p).await;
         assert_eq!((r.status, r.code().as_str()), (400, "bad_request"), "{p}");
     }
-    // Normalised, then authorized on the normalised form.
-    for (p, status) in [
-        ("/v1/%2e%2e/admin/x", 403),
-        ("/v1/chat/../admin/keys", 403),
-        ("/v1/models/%2E%2E/%2e%2e/admin/keys", 403),
-    ] {
-        assert_eq!(get(p).await.status, status, "{p}");
-    }
-    // Forwarded exactly as authorized (re-encoded once).
-    for (p, forwarded) in [
-        ("/v1/./models", "/v1/models"),
-        ("/v1/x/../models", "/v1/models"),
-        ("/v1/a%20b", "/v1/a%20b"),
-        ("/v1/%252e%252e/models", "/v1/%252e%252e/models"),
-        ("/v1/caf%C3%A9", "/v1/caf%C3%A9"),
-    ] {
-        let r = get(p).await;
-        assert_eq!(r.status, 200, "{p}: {}", String::from_utf8_lossy(&r.body));
-        assert_eq!(env.upstream.last().target, forwarded, "{p}");
-    }
-    env.stop().await;
-}
-
-/// An allow rule (`/v1/**`) must not become a way around a deny rule (`/v1/admin/**`) through
-/// an empty path segment: upstreams that merge slashes (nginx's default `merge_slashes on`,
-/// Werkzeug/Flask, Go's ServeMux redirect, …) serve `/v1//admin/keys` as `/v1/admin/keys`. The
-/// gateway merges them before authorizing, and forwards the merged path.
-async fn empty_path_segments_do_not_slip_past_a_deny_rule(b: Backend) {
-    let Some(env) = start(b, |_| {}).await else { return };
-    let m = env.mandate(&[]).await;
-    let a = auth(&m);
-    let get = |p: &'static str| {
-        let a = a.clone();
-        let env = &env;
-        async move {
-            env.via_proxy(
-                "GET",
-                &format!("{}{p}", env.api_url()),
-                &[("proxy-authorization", &a)],
-                b"",
-            )
-            .await
-        }
-    };
-    let mut reached = Vec::new();
+    // Normalised, then authorized on the normalised form. Runs of '/' are merged: upstreams
+    // that merge slashes (nginx's default `merge_slashes on`, Werkzeug/Flask, Go's ServeMux
+    // redirect, …) serve `/v1//admin/keys` as `/v1/admin/keys`, which the deny rule covers.
     for p in [
-        "/v1/admin/keys",
-        "/v1/x/../admin/keys",
+        "/v1/%2e%2e/admin/x",
+        "/v1/chat/../admin/keys",
+        "/v1/models/%2E%2E/%2e%2e/admin/keys",
         "/v1//admin/keys",
         "/v1///admin/keys",
         "/v1/.//admin/keys",
@@ -756,17 +714,16 @@ async fn empty_path_segments_do_not_slip_past_a_deny_rule(b: Backend) {
         "/v1//admin//keys",
     ] {
         let before = env.upstream.count();
-        let r = get(p).await;
-        if r.status != 403 || env.upstream.count() != before {
-            reached.push(format!("{p} -> {} ({})", r.status, String::from_utf8_lossy(&r.body)));
-        }
+        assert_eq!(get(p).await.status, 403, "{p}");
+        assert_eq!(env.upstream.count(), before, "{p} never reaches the upstream");
     }
-    assert!(
-        reached.is_empty(),
-        "a path the deny rule covers once slashes are merged was not refused: {reached:?}"
-    );
-    // An allowed path reaches the upstream merged, as it was authorized; a trailing '/' stays.
+    // Forwarded exactly as authorized (re-encoded once; merged; a trailing '/' stays).
     for (p, forwarded) in [
+        ("/v1/./models", "/v1/models"),
+        ("/v1/x/../models", "/v1/models"),
+        ("/v1/a%20b", "/v1/a%20b"),
+        ("/v1/%252e%252e/models", "/v1/%252e%252e/models"),
+        ("/v1/caf%C3%A9", "/v1/caf%C3%A9"),
         ("/v1//models", "/v1/models"),
         ("//v1///models//x", "/v1/models/x"),
         ("/v1/models/", "/v1/models/"),
