@@ -249,20 +249,9 @@ pub enum BodyNeed {
     Budget,
 }
 
-/// The fields the probe reads, matched as the most lenient common decoders match them: ASCII
-/// case-insensitively, with the two non-ASCII letters Go's `encoding/json` folds into ASCII
-/// ones (`ſ` → `s`, the Kelvin sign → `k`). A body naming one of them twice under any of
-/// those spellings is ambiguous (decoders differ on which one wins) and is refused.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Field {
-    Model,
-    MaxTokens,
-    MaxCompletionTokens,
-    MaxOutputTokens,
-    Method,
-    Params,
-}
-
+/// Whether an object key spells `name` (ASCII lower case) as the most lenient common decoders
+/// match keys: ASCII case-insensitively, with the two non-ASCII letters Go's `encoding/json`
+/// folds into ASCII ones (`ſ` → `s`, the Kelvin sign → `k`).
 fn folds_to(key: &str, name: &str) -> bool {
     let mut want = name.bytes();
     for c in key.chars() {
@@ -278,18 +267,30 @@ fn folds_to(key: &str, name: &str) -> bool {
     want.next().is_none()
 }
 
-fn field_of(key: &str) -> Option<Field> {
-    [
-        ("model", Field::Model),
-        ("max_tokens", Field::MaxTokens),
-        ("max_completion_tokens", Field::MaxCompletionTokens),
-        ("max_output_tokens", Field::MaxOutputTokens),
-        ("method", Field::Method),
-        ("params", Field::Params),
-    ]
-    .into_iter()
-    .find(|(name, _)| folds_to(key, name))
-    .map(|(_, f)| f)
+/// Walk an object's entries: the value of each key that spells one of `names` (see
+/// [`folds_to`]) goes to `take` with that name, at most once per name — a second spelling is
+/// ambiguous (decoders differ on which one wins) and an error; other values are skipped (still
+/// parsed).
+fn read_fields<'de, A: serde::de::MapAccess<'de>>(
+    mut m: A,
+    names: &[&'static str],
+    mut take: impl FnMut(&'static str, &mut A) -> std::result::Result<(), A::Error>,
+) -> std::result::Result<(), A::Error> {
+    use serde::de::Error as _;
+    let mut seen = 0u32;
+    while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+        match names.iter().position(|n| folds_to(&k, n)) {
+            Some(i) if seen & (1 << i) != 0 => return Err(A::Error::custom("a field is given twice")),
+            Some(i) => {
+                seen |= 1 << i;
+                take(names[i], &mut m)?;
+            }
+            None => {
+                m.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A token count: an integer, or a number with no fraction (`256.0`), as decoders accept it.
@@ -309,7 +310,7 @@ impl<'de> Deserialize<'de> for Count {
     }
 }
 
-/// `params` of a JSON-RPC call: its `name` when it is an object (anything else says no tool).
+/// `params` of a JSON-RPC call: its `name` when it is an object (an array or null says no tool).
 struct Params(Option<String>);
 
 impl<'de> Deserialize<'de> for Params {
@@ -320,19 +321,12 @@ impl<'de> Deserialize<'de> for Params {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("JSON-RPC params")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> std::result::Result<Params, A::Error> {
-                use serde::de::Error as _;
-                let mut name: Option<String> = None;
-                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
-                    if folds_to(&k, "name") {
-                        if name.is_some() {
-                            return Err(A::Error::custom("params.name is given twice"));
-                        }
-                        name = Some(m.next_value::<String>()?);
-                    } else {
-                        m.next_value::<serde::de::IgnoredAny>()?;
-                    }
-                }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> std::result::Result<Params, A::Error> {
+                let mut name = None;
+                read_fields(m, &["name"], |_, m| {
+                    name = Some(m.next_value::<String>()?);
+                    Ok(())
+                })?;
                 Ok(Params(name))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> std::result::Result<Params, A::Error> {
@@ -347,9 +341,11 @@ impl<'de> Deserialize<'de> for Params {
     }
 }
 
-/// The body as the probe reads it: one JSON object, each field it reads at most once.
+/// The body as the probe reads it: one JSON object, each field it reads given once.
+#[derive(Default)]
 struct Probe {
     model: Option<String>,
+    /// `max_tokens`, else `max_completion_tokens`, else `max_output_tokens`.
     max_tokens: [Option<i64>; 3],
     method: Option<String>,
     params: Option<Params>,
@@ -363,33 +359,22 @@ impl<'de> Deserialize<'de> for Probe {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("one JSON object")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> std::result::Result<Probe, A::Error> {
-                use serde::de::Error as _;
-                let mut p = Probe {
-                    model: None,
-                    max_tokens: [None; 3],
-                    method: None,
-                    params: None,
-                };
-                let mut seen: Vec<Field> = Vec::new();
-                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
-                    let Some(f) = field_of(&k) else {
-                        m.next_value::<serde::de::IgnoredAny>()?;
-                        continue;
-                    };
-                    if seen.contains(&f) {
-                        return Err(A::Error::custom(format_args!("the field {k:?} is given twice")));
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> std::result::Result<Probe, A::Error> {
+                const TOKENS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
+                let mut p = Probe::default();
+                let names = ["model", TOKENS[0], TOKENS[1], TOKENS[2], "method", "params"];
+                read_fields(m, &names, |name, m| {
+                    match name {
+                        "model" => p.model = Some(m.next_value()?),
+                        "method" => p.method = Some(m.next_value()?),
+                        "params" => p.params = Some(m.next_value()?),
+                        tokens => {
+                            let i = TOKENS.iter().position(|t| *t == tokens).unwrap_or(0);
+                            p.max_tokens[i] = Some(m.next_value::<Count>()?.0);
+                        }
                     }
-                    seen.push(f);
-                    match f {
-                        Field::Model => p.model = Some(m.next_value()?),
-                        Field::MaxTokens => p.max_tokens[0] = Some(m.next_value::<Count>()?.0),
-                        Field::MaxCompletionTokens => p.max_tokens[1] = Some(m.next_value::<Count>()?.0),
-                        Field::MaxOutputTokens => p.max_tokens[2] = Some(m.next_value::<Count>()?.0),
-                        Field::Method => p.method = Some(m.next_value()?),
-                        Field::Params => p.params = Some(m.next_value()?),
-                    }
-                }
+                    Ok(())
+                })?;
                 Ok(p)
             }
         }
