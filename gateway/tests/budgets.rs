@@ -123,14 +123,7 @@ async fn setup(b: Backend, limit: i64, tweak: impl FnOnce(&mut caracal_shared::c
         .await;
     assert!(r.status.is_success(), "{}", r.text());
     let res = r.json_value()["id"].as_str().unwrap().to_string();
-    let g = env
-        .api(
-            Method::POST,
-            "/v1/grants",
-            Some(json!({"agent_id": env.agent, "resource_id": res, "policy_id": env.policy, "scopes": ["*"]})),
-        )
-        .await;
-    assert!(g.status.is_success(), "{}", g.text());
+    env.grant(&res, &env.policy).await;
     let bud = env
         .api(
             Method::POST,

@@ -486,12 +486,7 @@ async fn egress_bypass_attempts_are_refused(b: Backend) {
         )
         .await
         .json_value();
-    env.api(
-        Method::POST,
-        "/v1/grants",
-        Some(json!({"agent_id": env.agent, "resource_id": res["id"], "policy_id": env.policy, "scopes": ["*"]})),
-    )
-    .await;
+    env.grant(res["id"].as_str().unwrap(), &env.policy).await;
     let before = env.upstream.count();
     // Wait until the STS mints mandates covering the new grant (its grant cache is invalidated
     // by a bus event) and the gateway's snapshot has the resource: a fresh mandate each try.
@@ -615,12 +610,7 @@ async fn egress_bypass_attempts_are_refused(b: Backend) {
         .api(Method::POST, "/v1/resources", Some(json!({"name": "wide", "base_url": format!("http://wide.test:{port}"), "settings": {"egress_allow": ["10.0.0.0/8"]}})))
         .await
         .json_value();
-    env.api(
-        Method::POST,
-        "/v1/grants",
-        Some(json!({"agent_id": env.agent, "resource_id": wide["id"], "policy_id": env.policy, "scopes": ["*"]})),
-    )
-    .await;
+    env.grant(wide["id"].as_str().unwrap(), &env.policy).await;
     assert!(
         eventually(Duration::from_secs(15), || async {
             let m3 = env.mandate(&[]).await;
@@ -644,12 +634,7 @@ async fn egress_bypass_attempts_are_refused(b: Backend) {
         .api(Method::POST, "/v1/resources", Some(json!({"name": "self", "base_url": format!("http://127.0.0.1:{gw_port}"), "settings": {"egress_allow": ["127.0.0.0/8"]}})))
         .await
         .json_value();
-    env.api(
-        Method::POST,
-        "/v1/grants",
-        Some(json!({"agent_id": env.agent, "resource_id": own["id"], "policy_id": env.policy, "scopes": ["*"]})),
-    )
-    .await;
+    env.grant(own["id"].as_str().unwrap(), &env.policy).await;
     let last = std::sync::Mutex::new(String::new());
     assert!(
         eventually(Duration::from_secs(15), || async {
@@ -1161,14 +1146,7 @@ async fn add_resource_at(
         .await;
     assert!(r.status.is_success(), "{}", r.text());
     let id = r.json_value()["id"].as_str().unwrap().to_string();
-    let g = env
-        .api(
-            Method::POST,
-            "/v1/grants",
-            Some(json!({"agent_id": env.agent, "resource_id": id, "policy_id": policy, "scopes": ["*"]})),
-        )
-        .await;
-    assert!(g.status.is_success(), "{}", g.text());
+    env.grant(&id, policy).await;
     id
 }
 

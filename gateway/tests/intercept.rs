@@ -43,14 +43,7 @@ async fn real_clients_through_an_intercepted_tunnel(b: Backend) {
         .await;
     assert!(r.status.is_success(), "{}", r.text());
     let res = r.json_value()["id"].as_str().unwrap().to_string();
-    let g = env
-        .api(
-            Method::POST,
-            "/v1/grants",
-            Some(json!({"agent_id": env.agent, "resource_id": res, "policy_id": env.policy, "scopes": ["*"]})),
-        )
-        .await;
-    assert!(g.status.is_success());
+    env.grant(&res, &env.policy).await;
     // Room for a handful of calls at their worst case (body + 20 output tokens).
     let bud = env
         .api(

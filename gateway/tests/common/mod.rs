@@ -390,6 +390,18 @@ impl Env {
         format!("http://api.test:{}", self.upstream.addr.port())
     }
 
+    /// Grant `resource` (an id) to the test agent under `policy`, every scope.
+    pub async fn grant(&self, resource: &str, policy: &str) {
+        let g = self
+            .api(
+                Method::POST,
+                "/v1/grants",
+                Some(json!({"agent_id": self.agent, "resource_id": resource, "policy_id": policy, "scopes": ["*"]})),
+            )
+            .await;
+        assert!(g.status.is_success(), "{}", g.text());
+    }
+
     pub async fn api(&self, m: Method, path: &str, body: Option<Value>) -> ClientResponse {
         let auth = format!("Bearer {}", self.admin);
         let h = [
