@@ -349,9 +349,7 @@ fn nominated(headers: &http::HeaderMap, name: &HeaderName) -> bool {
 /// (`Connection` itself, which it rewrites, and the framing). A response without them (the
 /// common case) costs a lookup and a scan of `Connection`, and allocates nothing.
 fn strip_response_hop_by_hop(resp: &mut ResponseHeader) {
-    if resp.headers.contains_key(KEEP_ALIVE) {
-        resp.remove_header(&KEEP_ALIVE);
-    }
+    resp.remove_header(&KEEP_ALIVE);
     if connection_nominations(&resp.headers).next().is_some() {
         let names: Vec<HeaderName> = connection_nominations(&resp.headers)
             .filter_map(|t| HeaderName::from_bytes(t).ok())
