@@ -344,12 +344,17 @@ fn nominated(headers: &http::HeaderMap, name: &HeaderName) -> bool {
     connection_nominations(headers).any(|t| t.eq_ignore_ascii_case(name.as_str().as_bytes()))
 }
 
-/// Remove an upstream response's hop-by-hop fields (RFC 9110 §7.6.1): `Keep-Alive` and the
-/// fields its `Connection` nominates, except those Pingora writes the client's response from
-/// (`Connection` itself, which it rewrites, and the framing). A response without them (the
-/// common case) costs a lookup and a scan of `Connection`, and allocates nothing.
+/// Remove an upstream response's hop-by-hop fields (RFC 9110 §7.6.1): those of
+/// [`RESPONSE_STRIPPED`] and the fields its `Connection` nominates, except those Pingora writes
+/// the client's response from (`Connection` itself, which it rewrites, and the framing). A
+/// response without them (the common case) costs one pass over its names and a scan of
+/// `Connection`, and allocates nothing.
 fn strip_response_hop_by_hop(resp: &mut ResponseHeader) {
-    resp.remove_header(&KEEP_ALIVE);
+    if resp.headers.keys().any(|n| RESPONSE_STRIPPED.contains(n)) {
+        for n in &RESPONSE_STRIPPED {
+            resp.remove_header(n);
+        }
+    }
     if connection_nominations(&resp.headers).next().is_some() {
         let names: Vec<HeaderName> = connection_nominations(&resp.headers)
             .filter_map(|t| HeaderName::from_bytes(t).ok())
@@ -368,6 +373,16 @@ fn kept_in_response(name: &HeaderName) -> bool {
 }
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// Upstream response fields that never reach the client: `Keep-Alive` (hop-by-hop), and an
+/// upstream's proxy authentication challenge and its result (RFC 9110 §11.7: they concern
+/// only the next client on the chain, which is the gateway; relayed, they would read as the
+/// gateway asking the agent for proxy credentials).
+const RESPONSE_STRIPPED: [HeaderName; 3] = [
+    KEEP_ALIVE,
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("proxy-authentication-info"),
+];
 
 /// Request headers that never go upstream: the caller's authority and hop-by-hop fields
 /// (`Connection` and what it names are handled by Pingora and the forwarder).
@@ -759,7 +774,7 @@ impl Proxy {
                 for (k, v) in parts.headers.iter() {
                     if k == header::CONNECTION
                         || k == header::TRANSFER_ENCODING
-                        || k == KEEP_ALIVE
+                        || RESPONSE_STRIPPED.contains(k)
                         || nominates && !kept_in_response(k) && nominated(&parts.headers, k)
                     {
                         continue;
@@ -1402,8 +1417,17 @@ mod tests {
         r.append_header("X-Up-Hop", "a").unwrap();
         r.append_header("x-up-hop", "b").unwrap();
         r.append_header("Keep-Alive", "timeout=5").unwrap();
+        r.append_header("Proxy-Authenticate", "Basic realm=\"up\"").unwrap();
+        r.append_header("proxy-authentication-info", "nextnonce=\"x\"").unwrap();
         strip_response_hop_by_hop(&mut r);
-        assert!(r.headers.get("x-up-hop").is_none() && r.headers.get("keep-alive").is_none());
+        for gone in [
+            "x-up-hop",
+            "keep-alive",
+            "proxy-authenticate",
+            "proxy-authentication-info",
+        ] {
+            assert!(r.headers.get(gone).is_none(), "{gone}");
+        }
         assert_eq!(r.headers["content-length"], "2");
         assert_eq!(r.headers["content-type"], "application/json");
         assert_eq!(r.headers.get_all("connection").iter().count(), 2, "Pingora rewrites it");

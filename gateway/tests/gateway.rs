@@ -1051,7 +1051,7 @@ async fn raw_upstream() -> std::net::SocketAddr {
                         .to_string();
                     let target = line.split(' ').nth(1).unwrap_or("");
                     let resp: &[u8] = if target.ends_with("?hop") {
-                        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Up-Hop\r\nX-Up-Hop: secret\r\nKeep-Alive: timeout=5\r\nX-Up-End: kept\r\nContent-Length: 2\r\n\r\nok"
+                        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Up-Hop\r\nX-Up-Hop: secret\r\nKeep-Alive: timeout=5\r\nProxy-Authenticate: Basic realm=\"up\"\r\nProxy-Authentication-Info: nextnonce=\"x\"\r\nX-Up-End: kept\r\nContent-Length: 2\r\n\r\nok"
                     } else {
                         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
                     };
@@ -1068,7 +1068,8 @@ async fn raw_upstream() -> std::net::SocketAddr {
 
 /// RFC 9110 §7.6.1: a proxy removes the fields an upstream response names in `Connection`
 /// (and `Keep-Alive`) before forwarding the response, on Pingora's path and on the gateway's
-/// own forwarder's (inspected bodies over the replay buffer).
+/// own forwarder's (inspected bodies over the replay buffer); an upstream's proxy
+/// authentication fields (RFC 9110 §11.7) concern only the gateway and go too.
 async fn upstream_response_hop_by_hop_fields_do_not_reach_the_client(b: Backend) {
     let Some(env) = start(b, |_| {}).await else { return };
     let raddr = raw_upstream().await;
@@ -1085,7 +1086,8 @@ async fn upstream_response_hop_by_hop_fields_do_not_reach_the_client(b: Backend)
     let m = mandate_reaching(&env, "GET", &format!("{base}/v1/plain"), b"").await;
     let big = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(100 * 1024)}]}).to_string();
     let mut leaked = Vec::new();
-    // The upstream answers `Connection: keep-alive, X-Up-Hop` / `X-Up-Hop` / `Keep-Alive`.
+    // The upstream answers `Connection: keep-alive, X-Up-Hop` / `X-Up-Hop` / `Keep-Alive`, and
+    // a proxy authentication challenge and result of its own.
     for (what, method, path, body) in [
         ("Pingora", "GET", "/v1/models?hop", ""),
         ("own forwarder", "POST", "/v1/chat/completions?hop", big.as_str()),
@@ -1106,9 +1108,14 @@ async fn upstream_response_hop_by_hop_fields_do_not_reach_the_client(b: Backend)
             "{what}"
         );
         leaked.extend(
-            ["x-up-hop", "keep-alive"]
-                .iter()
-                .filter_map(|h| r.headers.get(*h).map(|v| format!("{what}: {h}: {v:?}"))),
+            [
+                "x-up-hop",
+                "keep-alive",
+                "proxy-authenticate",
+                "proxy-authentication-info",
+            ]
+            .iter()
+            .filter_map(|h| r.headers.get(*h).map(|v| format!("{what}: {h}: {v:?}"))),
         );
     }
     assert!(
