@@ -18,6 +18,7 @@ use http_body_util::{BodyExt, Full};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
+use serde_json::json;
 
 use crate::decide::{AuditInfo, Decision, Established, Target, Who, body_facts, credential};
 use crate::forward::Forwarder;
@@ -62,6 +63,9 @@ pub struct Ctx {
     usage: Option<Box<caracal_shared::metering::UsageScanner>>,
     /// The mandate was revoked while the request was in flight and the response was cut.
     revoked_in_flight: bool,
+    /// The request asks for a WebSocket (see [`websocket_upgrade`]); once allowed, the one
+    /// upgrade the gateway forwards and lets the upstream accept.
+    websocket: bool,
 }
 
 /// Write a Caracal JSON error. Authentication failures on the forward proxy answer 407 with
@@ -267,6 +271,20 @@ fn raw_bearer(h: &[u8]) -> Option<&[u8]> {
     (scheme.eq_ignore_ascii_case(b"bearer") && !rest.is_empty()).then_some(rest)
 }
 
+/// Whether a request asks for a WebSocket (RFC 6455 §4.1): an HTTP/1.1 `GET` whose only
+/// `Upgrade` value is `websocket` (any case) — the one upgrade Pingora's upstream request policy
+/// forwards (with `Connection: Upgrade`). Any other upgrade (`h2c`, a list, another protocol,
+/// another method) is stripped and the request goes as a plain one.
+fn websocket_upgrade(req: &RequestHeader) -> bool {
+    if req.version != http::Version::HTTP_11 || req.method != http::Method::GET {
+        return false;
+    }
+    let mut up = req.headers.get_all(header::UPGRADE).iter();
+    up.next()
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        && up.next().is_none()
+}
+
 /// The request's declared `Content-Length`, when it is a number.
 fn content_length(req: &RequestHeader) -> Option<usize> {
     req.headers
@@ -348,8 +366,9 @@ fn nominated(headers: &http::HeaderMap, name: &HeaderName) -> bool {
 /// [`RESPONSE_STRIPPED`] and the fields its `Connection` nominates, except those Pingora writes
 /// the client's response from (`Connection` itself, which it rewrites, and the framing). A
 /// response without them (the common case) costs one pass over its names and a scan of
-/// `Connection`, and allocates nothing.
-fn strip_response_hop_by_hop(resp: &mut ResponseHeader) {
+/// `Connection`, and allocates nothing. The 101 that accepts a WebSocket keeps its `Upgrade`
+/// (`switched`): the client's handshake needs it.
+fn strip_response_hop_by_hop(resp: &mut ResponseHeader, switched: bool) {
     if resp.headers.keys().any(|n| RESPONSE_STRIPPED.contains(n)) {
         for n in &RESPONSE_STRIPPED {
             resp.remove_header(n);
@@ -358,7 +377,7 @@ fn strip_response_hop_by_hop(resp: &mut ResponseHeader) {
     if connection_nominations(&resp.headers).next().is_some() {
         let names: Vec<HeaderName> = connection_nominations(&resp.headers)
             .filter_map(|t| HeaderName::from_bytes(t).ok())
-            .filter(|n| !kept_in_response(n))
+            .filter(|n| !(kept_in_response(n) || switched && n == header::UPGRADE))
             .collect();
         for n in &names {
             resp.remove_header(n);
@@ -611,6 +630,18 @@ impl Proxy {
             )
         };
         let budgets = gw.budgets_for(&snap, &c, &r);
+        // A WebSocket's frames are not read: where a rule, an allowlist or a budget would read
+        // a request's body (as they would a `POST`'s), the upgrade is refused.
+        if ctx.websocket && gw.body_need(&snap, &c, &r, "POST", &budgets).is_some() {
+            return Err(partial(
+                Error::new(
+                    ErrorCode::PolicyDenied,
+                    "a rule, allowlist or budget here reads request bodies, which a WebSocket's frames do not \
+                     expose: the upgrade is refused",
+                )
+                .with_details(json!({ "reason": "upgrade_uninspectable" })),
+            ));
+        }
         let body_facts_v = if let Some(need) = gw.body_need(&snap, &c, &r, &t.method, &budgets) {
             let max = gw.rt.config.gateway.max_inspect_body;
             if let Some(len) = content_length(session.req_header())
@@ -825,6 +856,22 @@ impl Proxy {
 }
 
 impl Proxy {
+    /// Cut a request in flight whose mandate was revoked (one atomic load unless the
+    /// revocation set changed); a WebSocket's session is cut at its mandate's expiry too.
+    fn cut_if_over(&self, ctx: &mut Ctx) -> pingora::Result<()> {
+        let Some(d) = &ctx.decision else { return Ok(()) };
+        let why = if d.mandate.is_revoked(&self.gw.revocations) {
+            "mandate revoked mid-response"
+        } else if ctx.websocket && d.mandate.m.claims.expires_at <= caracal_shared::time::coarse_now_secs() {
+            "mandate expired mid-session"
+        } else {
+            return Ok(());
+        };
+        self.gw.metrics.responses_cut.inc();
+        ctx.revoked_in_flight = true;
+        Err(pingora::Error::explain(pingora::ErrorType::InternalError, why))
+    }
+
     /// Settle a request's budgets from what the response reported, and record it.
     fn settle(&self, r: crate::budget::Reservation, ctx: &mut Ctx, failed: bool) {
         let mut scanner = ctx.usage.take();
@@ -926,11 +973,13 @@ impl ProxyHttp for Proxy {
             reservation: None,
             usage: None,
             revoked_in_flight: false,
+            websocket: false,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         ctx.rid = request_id(session.req_header());
+        ctx.websocket = websocket_upgrade(session.req_header());
         let source = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let gw = &self.gw;
         let tunnel = gw
@@ -969,7 +1018,7 @@ impl ProxyHttp for Proxy {
         let info = AuditInfo {
             request_id: ctx.rid,
             source,
-            kind: "http",
+            kind: if ctx.websocket { "websocket" } else { "http" },
             mode,
         };
         match outcome {
@@ -1031,6 +1080,10 @@ impl ProxyHttp for Proxy {
         if let Some(b) = ctx.body.take() {
             *body = Some(b);
         }
+        // A WebSocket's frames towards the upstream stop with its mandate's life.
+        if ctx.websocket {
+            self.cut_if_over(ctx)?;
+        }
         Ok(())
     }
 
@@ -1078,7 +1131,10 @@ impl ProxyHttp for Proxy {
         // Edited in place: Pingora has already taken the standard hop-by-hop fields out (its
         // default upstream request policy, Proxy-Authorization included), so this pass over
         // the names usually finds nothing to remove; room for the additions is made once.
-        remove_matching(&mut parts.headers, |n| self.stripped(n));
+        let websocket = ctx.websocket;
+        remove_matching(&mut parts.headers, |n| {
+            self.stripped(n) && !(websocket && n == header::UPGRADE)
+        });
         parts
             .headers
             .try_reserve(4)
@@ -1092,7 +1148,10 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, _session: &mut Session, e: Option<&pingora::Error>, ctx: &mut Ctx) {
-        self.gw.metrics.total.observe(ctx.started.elapsed().as_secs_f64());
+        // (A WebSocket's time is its session's length, not a request's latency.)
+        if !ctx.websocket {
+            self.gw.metrics.total.observe(ctx.started.elapsed().as_secs_f64());
+        }
         if let Some(r) = ctx.reservation.take() {
             self.settle(*r, ctx, e.is_some());
         }
@@ -1113,6 +1172,15 @@ impl ProxyHttp for Proxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
+        // Only the WebSocket upgrade the gateway forwarded may switch protocols: another 101
+        // would turn the connection into a raw pipe past the per-request checks. (Defence in
+        // depth: it holds whatever the proxy framework makes of such a response.)
+        if resp.status == http::StatusCode::SWITCHING_PROTOCOLS && !ctx.websocket {
+            return Err(pingora::Error::explain(
+                pingora::ErrorType::HTTPStatus(502),
+                "the upstream switched protocols without an upgrade the gateway forwarded",
+            ));
+        }
         if ctx.reservation.as_ref().is_some_and(|r| r.needs_usage()) {
             let ct = resp
                 .headers
@@ -1121,7 +1189,8 @@ impl ProxyHttp for Proxy {
                 .unwrap_or("");
             ctx.usage = Some(Box::new(caracal_shared::metering::UsageScanner::new(ct)));
         }
-        strip_response_hop_by_hop(resp);
+        let switched = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
+        strip_response_hop_by_hop(resp, switched);
         Ok(())
     }
 
@@ -1137,16 +1206,7 @@ impl ProxyHttp for Proxy {
         if let (Some(u), Some(b)) = (ctx.usage.as_mut(), body.as_ref()) {
             u.feed(b);
         }
-        if let Some(d) = &ctx.decision
-            && d.mandate.is_revoked(&self.gw.revocations)
-        {
-            self.gw.metrics.responses_cut.inc();
-            ctx.revoked_in_flight = true;
-            return Err(pingora::Error::explain(
-                pingora::ErrorType::InternalError,
-                "mandate revoked mid-response",
-            ));
-        }
+        self.cut_if_over(ctx)?;
         Ok(None)
     }
 
@@ -1169,6 +1229,7 @@ impl ProxyHttp for Proxy {
             ConnectTimedout | ReadTimedout | WriteTimedout => ErrorCode::UpstreamTimeout,
             _ if matches!(e.esource(), pingora::ErrorSource::Upstream) => ErrorCode::UpstreamUnreachable,
             HTTPStatus(403) => ErrorCode::Forbidden,
+            HTTPStatus(502) => ErrorCode::UpstreamUnreachable,
             _ if matches!(e.esource(), pingora::ErrorSource::Downstream) => {
                 return FailToProxy {
                     error_code: 0,
@@ -1409,7 +1470,7 @@ mod tests {
         let mut r = ResponseHeader::build(200, None).unwrap();
         r.append_header("content-type", "application/json").unwrap();
         r.append_header("content-length", "2").unwrap();
-        strip_response_hop_by_hop(&mut r);
+        strip_response_hop_by_hop(&mut r, false);
         assert_eq!(r.headers.len(), 2, "nothing to strip");
         r.append_header("Connection", "keep-alive, X-Up-Hop, content-length")
             .unwrap();
@@ -1419,7 +1480,7 @@ mod tests {
         r.append_header("Keep-Alive", "timeout=5").unwrap();
         r.append_header("Proxy-Authenticate", "Basic realm=\"up\"").unwrap();
         r.append_header("proxy-authentication-info", "nextnonce=\"x\"").unwrap();
-        strip_response_hop_by_hop(&mut r);
+        strip_response_hop_by_hop(&mut r, false);
         for gone in [
             "x-up-hop",
             "keep-alive",
@@ -1431,6 +1492,14 @@ mod tests {
         assert_eq!(r.headers["content-length"], "2");
         assert_eq!(r.headers["content-type"], "application/json");
         assert_eq!(r.headers.get_all("connection").iter().count(), 2, "Pingora rewrites it");
+        // A WebSocket's 101 keeps the Upgrade its Connection names; nothing else does.
+        for switched in [true, false] {
+            let mut r = ResponseHeader::build(101, None).unwrap();
+            r.append_header("Connection", "Upgrade").unwrap();
+            r.append_header("Upgrade", "websocket").unwrap();
+            strip_response_hop_by_hop(&mut r, switched);
+            assert_eq!(r.headers.contains_key("upgrade"), switched);
+        }
     }
 
     #[test]

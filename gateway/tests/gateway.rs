@@ -35,6 +35,7 @@ on_both_backends!(
     no_client_query_parameter_shadows_an_injected_query_credential,
     mtls_listener_takes_client_certificates,
     deny_rules_on_models_and_tools_hold_for_bodies_decoders_read_differently,
+    websocket_upgrades_are_governed_and_cut_with_their_mandate,
 );
 
 fn auth(secret: &str) -> String {
@@ -1456,5 +1457,328 @@ rules:
         200
     );
     assert_eq!(env.upstream.count(), before + 1);
+    env.stop().await;
+}
+
+/// A loopback upstream that accepts WebSocket upgrades (answers 101, then echoes what it reads
+/// as `echo:<bytes>`), answers a 101 to `/v1/rogue101` whatever was asked (an upstream that
+/// switches protocols unasked), and `ok` to anything else. Records each request's head, and
+/// on upgraded connections each read (`data:<bytes>`) and the end (`closed`).
+type Log = Arc<std::sync::Mutex<Vec<String>>>;
+async fn ws_upstream() -> (std::net::SocketAddr, Log, Log) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let heads: Log = Default::default();
+    let frames: Log = Default::default();
+    let (seen, piped) = (heads.clone(), frames.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { continue };
+            let (seen, piped) = (seen.clone(), piped.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut b = [0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut b).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
+                            _ => return,
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    buf.drain(..end);
+                    seen.lock().unwrap().push(head.clone());
+                    let switch = head.contains("\r\nupgrade: websocket\r\n") || head.contains(" /v1/rogue101 ");
+                    if !switch {
+                        if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
+                    let resp = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+                    if s.write_all(resp).await.is_err() {
+                        return;
+                    }
+                    // From here on, a pipe: echo whatever arrives.
+                    let mut pending = std::mem::take(&mut buf);
+                    loop {
+                        if !pending.is_empty() {
+                            piped
+                                .lock()
+                                .unwrap()
+                                .push(format!("data:{}", String::from_utf8_lossy(&pending)));
+                            let mut out = b"echo:".to_vec();
+                            out.append(&mut pending);
+                            if s.write_all(&out).await.is_err() {
+                                return;
+                            }
+                        }
+                        match s.read(&mut b).await {
+                            Ok(n) if n > 0 => pending.extend_from_slice(&b[..n]),
+                            _ => {
+                                piped.lock().unwrap().push("closed".into());
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads, frames)
+}
+
+/// A raw client connection through the forward proxy: sends `GET url` with `headers` and reads
+/// the response head (status line and fields, lower-cased) — and for a refusal, the body.
+async fn raw_get(proxy: std::net::SocketAddr, url: &str, headers: &[(&str, &str)]) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let host = url.split('/').nth(2).unwrap();
+    let mut req = format!("GET {url} HTTP/1.1\r\nHost: {host}\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    let read = async {
+        loop {
+            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..i + 4]).to_ascii_lowercase();
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if got.len() >= i + 4 + len {
+                    return String::from_utf8_lossy(&got).to_ascii_lowercase();
+                }
+            }
+            match s.read(&mut b).await {
+                Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+                _ => return String::from_utf8_lossy(&got).to_ascii_lowercase(),
+            }
+        }
+    };
+    let text = tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("a response head");
+    (s, text)
+}
+
+/// Send `frame` on an upgraded connection and read what comes back: `None` once the
+/// connection is closed (or nothing comes within 5 s).
+async fn exchange(s: &mut tokio::net::TcpStream, frame: &[u8]) -> Option<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(frame).await.ok()?;
+    let mut b = [0u8; 4096];
+    match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+        Ok(Ok(n)) if n > 0 => Some(b[..n].to_vec()),
+        _ => None,
+    }
+}
+
+/// WebSockets (RFC 6455) through the gateway: the upgrade is a `GET` decided like any other
+/// (mandate, policy, egress, audit — recorded as kind `websocket`), forwarded with the
+/// injected credential and without the mandate; frames then flow both ways unread, so an
+/// upgrade is refused where a rule, allowlist or budget would read bodies. Other upgrades
+/// (`h2c`) are stripped, an upstream's unasked 101 is refused, and a session is cut once its
+/// mandate is revoked or expires.
+async fn websocket_upgrades_are_governed_and_cut_with_their_mandate(b: Backend) {
+    const WS_POLICY: &str = "rules:\n  - id: read\n    methods: [GET]\n    paths: [\"/v1/**\"]\n";
+    let Some(env) = start(b, |_| {}).await else { return };
+    let (up, heads, frames) = ws_upstream().await;
+    let p = env
+        .api(
+            Method::POST,
+            "/v1/policies",
+            Some(json!({"name": "ws", "document": WS_POLICY, "activate": true})),
+        )
+        .await;
+    assert!(p.status.is_success(), "{}", p.text());
+    let policy = p.json_value()["policy"]["id"].as_str().unwrap().to_string();
+    add_resource_at(&env, "rt", "ws.test", up.port(), json!({"kind": "bearer"}), &policy).await;
+    let base = format!("http://ws.test:{}", up.port());
+    let m = mandate_reaching(&env, "GET", &format!("{base}/v1/plain"), b"").await;
+    let a = auth(&m);
+    let ws = |a: &str| {
+        [
+            ("proxy-authorization", a.to_string()),
+            ("upgrade", "websocket".to_string()),
+            ("connection", "Upgrade".to_string()),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==".to_string()),
+            ("sec-websocket-version", "13".to_string()),
+            ("x-request-id", "ws-1".to_string()),
+        ]
+    };
+    let hs = ws(&a);
+    let h: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    // Allowed: switched, frames both ways, the upstream saw the credential, not the mandate.
+    let (mut s, head) = raw_get(env.proxy, &format!("{base}/v1/realtime"), &h).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("\r\nupgrade: websocket\r\n"),
+        "the client is told what it switched to: {head}"
+    );
+    assert_eq!(exchange(&mut s, b"hello").await.as_deref(), Some(&b"echo:hello"[..]));
+    assert_eq!(exchange(&mut s, b"again").await.as_deref(), Some(&b"echo:again"[..]));
+    let seen = heads.lock().unwrap().last().cloned().unwrap();
+    assert!(seen.starts_with("get /v1/realtime http/1.1"), "{seen}");
+    for want in [
+        "\r\nupgrade: websocket\r\n",
+        "\r\nconnection: upgrade\r\n",
+        "\r\nauthorization: bearer sk-second-secret\r\n",
+        "\r\nsec-websocket-key: ",
+    ] {
+        assert!(seen.contains(want), "{want:?} in {seen}");
+    }
+    assert!(
+        !seen.contains("proxy-authorization") && !seen.contains(&m.to_ascii_lowercase()),
+        "{seen}"
+    );
+    assert!(
+        env.audited(|e| e["kind"] == "websocket" && e["decision"] == "allow" && e["request_id"] == "ws-1")
+            .await,
+        "the upgrade is audited as a WebSocket"
+    );
+
+    // Any other upgrade goes as a plain request, without its Upgrade.
+    let (_s2, head) = raw_get(
+        env.proxy,
+        &format!("{base}/v1/plain"),
+        &[
+            ("proxy-authorization", &a),
+            ("upgrade", "h2c"),
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+        ],
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 200") && head.ends_with("ok"), "{head}");
+    let seen = heads.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        !seen.contains("\r\nupgrade:") && !seen.contains("http2-settings"),
+        "{seen}"
+    );
+
+    // An upstream that switches protocols unasked is refused (no pipe past the checks).
+    let (mut s3, head) = raw_get(
+        env.proxy,
+        &format!("{base}/v1/rogue101"),
+        &[
+            ("proxy-authorization", &a),
+            ("upgrade", "h2c"),
+            ("connection", "Upgrade"),
+        ],
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 502"), "{head}");
+    assert!(head.contains("upstream_unreachable"), "{head}");
+    assert_eq!(
+        exchange(&mut s3, b"sneak").await,
+        None,
+        "no pipe after a refused switch"
+    );
+
+    // Where policy reads bodies (the default resource's policy has a model rule), the
+    // upgrade is refused and recorded.
+    let hs_default = ws(&a);
+    let mut hd: Vec<(&str, &str)> = hs_default.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    hd.retain(|(k, _)| *k != "x-request-id");
+    hd.push(("x-request-id", "ws-refused"));
+    let (_s4, head) = raw_get(env.proxy, &format!("{}/v1/realtime", env.api_url()), &hd).await;
+    assert!(head.starts_with("http/1.1 403"), "{head}");
+    assert!(head.contains("upgrade_uninspectable"), "{head}");
+    assert!(
+        env.audited(|e| e["kind"] == "websocket" && e["decision"] == "deny" && e["request_id"] == "ws-refused")
+            .await,
+        "the refused upgrade is audited"
+    );
+
+    // A session is cut when its mandate expires: frames pass until then, none after.
+    let short = env.mandate(&[("lifetime", "2")]).await;
+    let hs_short = ws(&auth(&short));
+    let h_short: Vec<(&str, &str)> = hs_short.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (mut s5, head) = raw_get(env.proxy, &format!("{base}/v1/realtime"), &h_short).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let mut echoed = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut cut = false;
+    while !cut && std::time::Instant::now() < deadline {
+        match exchange(&mut s5, b"tick").await {
+            Some(_) => {
+                echoed += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            None => cut = true,
+        }
+    }
+    assert!(
+        cut && echoed > 0,
+        "the session ran ({echoed} frames) and was cut at expiry"
+    );
+
+    // (The gateway closed the upstream side of the rogue switch and of the expired session;
+    // the first session is still open.)
+    let closed = || frames.lock().unwrap().iter().filter(|f| *f == "closed").count();
+    assert!(
+        eventually(Duration::from_secs(10), || async { closed() == 2 }).await,
+        "{:?}",
+        frames.lock().unwrap()
+    );
+
+    // Revocation cuts a live session: the next frame does not reach the upstream.
+    let before = heads.lock().unwrap().len();
+    let (mut s6, head) = raw_get(env.proxy, &format!("{base}/v1/realtime"), &h).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert_eq!(exchange(&mut s6, b"live").await.as_deref(), Some(&b"echo:live"[..]));
+    assert_eq!(heads.lock().unwrap().len(), before + 1);
+    let keys = env
+        .api(Method::GET, &format!("/v1/agents/{}/api-keys", env.agent), None)
+        .await
+        .json_value();
+    let kid = keys["items"][0]["id"].as_str().unwrap().to_string();
+    let r = env
+        .api(
+            Method::DELETE,
+            &format!("/v1/agents/{}/api-keys/{kid}", env.agent),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            env.via_proxy("GET", &format!("{base}/v1/plain"), &[("proxy-authorization", &a)], b"")
+                .await
+                .code()
+                == "mandate_revoked"
+        })
+        .await,
+        "the revocation reached the gateway"
+    );
+    assert_eq!(exchange(&mut s6, b"after").await, None, "the session is cut");
+    // The gateway closed the upstream side too, and the frame sent after the revocation
+    // never went up (it would have arrived before the close).
+    assert!(
+        eventually(Duration::from_secs(10), || async { closed() == 3 }).await,
+        "the upstream connections were closed: {:?}",
+        frames.lock().unwrap()
+    );
+    let log = frames.lock().unwrap().clone();
+    assert!(log.contains(&"data:live".to_string()), "{log:?}");
+    assert!(
+        !log.iter().any(|f| f.contains("after")),
+        "a frame went up after the revocation: {log:?}"
+    );
+    drop(s);
     env.stop().await;
 }
