@@ -1535,12 +1535,18 @@ async fn ws_upstream() -> (std::net::SocketAddr, Log, Log) {
     (addr, heads, frames)
 }
 
-/// A raw client connection through the forward proxy: sends `GET url` with `headers` and reads
-/// the response head (status line and fields, lower-cased) — and for a refusal, the body.
+/// A raw client connection to `proxy`: sends `GET url` with `headers` (absolute-form, or
+/// origin-form to a sidecar when `url` is a path) and reads the response head (status line and
+/// fields, lower-cased) — and for a refusal, the body.
 async fn raw_get(proxy: std::net::SocketAddr, url: &str, headers: &[(&str, &str)]) -> (tokio::net::TcpStream, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    let host = url.split('/').nth(2).unwrap();
+    let proxy_host = proxy.to_string();
+    let host = if url.starts_with('/') {
+        proxy_host.as_str()
+    } else {
+        url.split('/').nth(2).unwrap()
+    };
     let mut req = format!("GET {url} HTTP/1.1\r\nHost: {host}\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
@@ -1594,7 +1600,18 @@ async fn exchange(s: &mut tokio::net::TcpStream, frame: &[u8]) -> Option<Vec<u8>
 /// mandate is revoked or expires.
 async fn websocket_upgrades_are_governed_and_cut_with_their_mandate(b: Backend) {
     const WS_POLICY: &str = "rules:\n  - id: read\n    methods: [GET]\n    paths: [\"/v1/**\"]\n";
-    let Some(env) = start(b, |_| {}).await else { return };
+    let sidecar = caracal_shared::testing::free_port();
+    let Some(env) = start(b, move |c| {
+        c.gateway.sidecars = vec![caracal_shared::config::SidecarConfig {
+            listen: format!("127.0.0.1:{sidecar}"),
+            tenant: "acme".into(),
+            resource: "rt".into(),
+        }];
+    })
+    .await
+    else {
+        return;
+    };
     let (up, heads, frames) = ws_upstream().await;
     let p = env
         .api(
@@ -1650,6 +1667,21 @@ async fn websocket_upgrades_are_governed_and_cut_with_their_mandate(b: Backend) 
             .await,
         "the upgrade is audited as a WebSocket"
     );
+    // The same through a sidecar bound to the resource (the mandate as a bearer).
+    let bearer = format!("Bearer {m}");
+    let mut hsc = h.clone();
+    hsc.retain(|(k, _)| *k != "proxy-authorization");
+    hsc.push(("authorization", &bearer));
+    let sidecar_addr: std::net::SocketAddr = format!("127.0.0.1:{sidecar}").parse().unwrap();
+    let (mut sc, head) = raw_get(sidecar_addr, "/v1/realtime", &hsc).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert_eq!(exchange(&mut sc, b"side").await.as_deref(), Some(&b"echo:side"[..]));
+    let seen = heads.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        seen.contains("\r\nauthorization: bearer sk-second-secret\r\n") && seen.contains("\r\nupgrade: websocket\r\n"),
+        "{seen}"
+    );
+    assert!(!seen.contains(&m.to_ascii_lowercase()), "{seen}");
 
     // Any other upgrade goes as a plain request, without its Upgrade.
     let (_s2, head) = raw_get(
