@@ -1,5 +1,6 @@
 //! TLS interception through `HTTPS_PROXY`, with real clients trusting the exported CA: curl,
-//! Python `requests` and the OpenAI Python SDK against a local OpenAI-compatible mock over HTTPS.
+//! Python `requests` and the OpenAI Python SDK against a local OpenAI-compatible mock over HTTPS,
+//! and Python `websockets` (`wss://`) against a WebSocket server over TLS.
 //! Inside the tunnel every request goes through the full path: the resource's credential is
 //! injected (the client's never reaches the upstream), usage is metered, the budget is enforced
 //! (429), the upstream's certificate is verified. Both backends; everything on loopback (the
@@ -21,7 +22,10 @@ macro_rules! on_both_backends {
     };
 }
 
-on_both_backends!(real_clients_through_an_intercepted_tunnel);
+on_both_backends!(
+    real_clients_through_an_intercepted_tunnel,
+    a_secure_websocket_through_an_intercepted_tunnel,
+);
 
 async fn real_clients_through_an_intercepted_tunnel(b: Backend) {
     let Some(env) = start(b, |_| {}).await else { return };
@@ -212,5 +216,126 @@ async fn real_clients_through_an_intercepted_tunnel(b: Backend) {
     );
     let _ = std::fs::remove_dir_all(dir);
     let _: Value = Value::Null;
+    env.stop().await;
+}
+
+/// `wss://` through `HTTPS_PROXY` with interception (as an agent reaches a realtime API): a
+/// Python `websockets` client CONNECTs with its API key, trusts the exported CA, and its
+/// upgrade inside the tunnel is decided like any request, forwarded over TLS to a Python
+/// `websockets` server with the resource's credential; frames pass both ways.
+async fn a_secure_websocket_through_an_intercepted_tunnel(b: Backend) {
+    const SERVER: &str = r#"
+import asyncio, ssl, sys, websockets
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+async def echo(ws):
+    auth = ws.request.headers.get("Authorization", "-")
+    async for msg in ws:
+        await ws.send(auth + "|" + msg)
+async def main():
+    async with websockets.serve(echo, "127.0.0.1", int(sys.argv[1]), ssl=ctx):
+        await asyncio.Future()
+asyncio.run(main())
+"#;
+    const CLIENT: &str = r#"
+import asyncio, ssl, sys, websockets
+async def main():
+    ctx = ssl.create_default_context(cafile=sys.argv[3])
+    async with websockets.connect(sys.argv[1], proxy=sys.argv[2], ssl=ctx, open_timeout=10,
+                                  additional_headers={"Authorization": "Bearer sk-client-must-not-pass"}) as ws:
+        await ws.send("hello")
+        print(await asyncio.wait_for(ws.recv(), 10))
+asyncio.run(main())
+"#;
+    if !python_has("websockets") {
+        assert!(!services_required(), "python3 module websockets is required in CI");
+        eprintln!("SKIPPED: python3 module websockets is not installed");
+        return;
+    }
+    let Some(env) = start(b, |_| {}).await else { return };
+    let dir = std::env::temp_dir().join(format!("caracal-wss-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let upstream_ca = Ca::new("mock upstream CA");
+    let leaf = upstream_ca.server(&["rt.test"]);
+    let (cert, key) = (dir.join("rt.pem"), dir.join("rt.key"));
+    std::fs::write(&cert, &leaf.cert_pem).unwrap();
+    std::fs::write(&key, &leaf.key_pem).unwrap();
+    let port = caracal_shared::testing::free_port();
+    let _server = tokio::process::Command::new("python3")
+        .args([
+            "-c",
+            SERVER,
+            &port.to_string(),
+            &cert.display().to_string(),
+            &key.display().to_string(),
+        ])
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3");
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await,
+        "the Python WebSocket server listens"
+    );
+    env.resolver.set("rt.test", &["127.0.0.1"]);
+    let p = env
+        .api(
+            Method::POST,
+            "/v1/policies",
+            Some(json!({"name": "ws", "document": "rules:\n  - id: read\n    methods: [GET]\n    paths: [\"/v1/**\"]\n  - id: tunnel\n    methods: [CONNECT]\n", "activate": true})),
+        )
+        .await;
+    assert!(p.status.is_success(), "{}", p.text());
+    let policy = p.json_value()["policy"]["id"].as_str().unwrap().to_string();
+    let r = env
+        .api(
+            Method::POST,
+            "/v1/resources",
+            Some(json!({
+                "name": "realtime", "base_url": format!("https://rt.test:{port}"), "inject": {"kind": "bearer"},
+                "credential": {"value": "sk-realtime-real"},
+                "settings": {"egress_allow": ["127.0.0.1/32"], "intercept_tls": true, "upstream_ca_pem": upstream_ca.pem()}
+            })),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text());
+    let res = r.json_value()["id"].as_str().unwrap().to_string();
+    env.grant(&res, &policy).await;
+    let ca_file = dir.join("caracal-ca.pem");
+    let ca = caracal_gateway::intercept::CaFile::load(&caracal_gateway::intercept::ca_path(&env.rt.config)).unwrap();
+    std::fs::write(&ca_file, ca.bundle()).unwrap();
+    let proxy_url = format!("http://agent:{}@{}", env.key, env.proxy);
+    let url = format!("wss://rt.test:{port}/v1/realtime");
+    // (The grant reaches the STS's cache and the gateway's snapshot shortly: retry until then.)
+    let last = std::sync::Mutex::new(String::new());
+    let ok = eventually(Duration::from_secs(20), || async {
+        let out = tokio::process::Command::new("python3")
+            .args(["-c", CLIENT, &url, &proxy_url, &ca_file.display().to_string()])
+            .env("NO_PROXY", "")
+            .output()
+            .await
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let good = out.status.success() && text.trim() == "Bearer sk-realtime-real|hello";
+        *last.lock().unwrap() = text;
+        good
+    })
+    .await;
+    assert!(ok, "{}", last.lock().unwrap());
+    assert!(
+        env.audited(|e| e["kind"] == "websocket"
+            && e["mode"] == "intercept"
+            && e["decision"] == "allow"
+            && e["resource"] == res.as_str())
+            .await,
+        "the upgrade inside the tunnel is audited"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
     env.stop().await;
 }
