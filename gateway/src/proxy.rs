@@ -61,7 +61,8 @@ pub struct Ctx {
     reservation: Option<Box<crate::budget::Reservation>>,
     /// Reads usage from the response as it streams by (when a budget needs it).
     usage: Option<Box<caracal_shared::metering::UsageScanner>>,
-    /// The mandate was revoked while the request was in flight and the response was cut.
+    /// The mandate was revoked (or a WebSocket's expired) while the request was in flight, and
+    /// the exchange was cut.
     revoked_in_flight: bool,
     /// The request asks for a WebSocket (see [`websocket_upgrade`]); once allowed, the one
     /// upgrade the gateway forwards and lets the upstream accept.
