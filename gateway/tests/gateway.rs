@@ -842,16 +842,7 @@ print(r.status_code, r.json()["error"]["code"])
 }
 
 async fn sidecar_mode(b: Backend) {
-    let port = caracal_shared::testing::free_port();
-    let Some(env) = start(b, move |c| {
-        c.gateway.sidecars = vec![caracal_shared::config::SidecarConfig {
-            listen: format!("127.0.0.1:{port}"),
-            tenant: "acme".into(),
-            resource: "api".into(),
-        }];
-    })
-    .await
-    else {
+    let Some((env, port)) = start_with_sidecar(b, "api").await else {
         return;
     };
     let m = env.mandate(&[]).await;
@@ -1461,6 +1452,21 @@ rules:
     env.stop().await;
 }
 
+/// A policy that allows `GET /v1/**` and reads no body (a WebSocket upgrade may pass), active;
+/// its id.
+async fn read_only_policy(env: &Env) -> String {
+    let doc = "rules:\n  - id: read\n    methods: [GET]\n    paths: [\"/v1/**\"]\n";
+    let p = env
+        .api(
+            Method::POST,
+            "/v1/policies",
+            Some(json!({"name": "ws", "document": doc, "activate": true})),
+        )
+        .await;
+    assert!(p.status.is_success(), "{}", p.text());
+    p.json_value()["policy"]["id"].as_str().unwrap().to_string()
+}
+
 /// A loopback upstream that accepts WebSocket upgrades (answers 101, then echoes what it reads
 /// as `echo:<bytes>`), answers a 101 to `/v1/rogue101` whatever was asked (an upstream that
 /// switches protocols unasked), and `ok` to anything else. Records each request's head, and
@@ -1600,29 +1606,11 @@ async fn exchange(s: &mut tokio::net::TcpStream, frame: &[u8]) -> Option<Vec<u8>
 /// (`h2c`) are stripped, an upstream's unasked 101 is refused, and a session is cut once its
 /// mandate is revoked or expires.
 async fn websocket_upgrades_are_governed_and_cut_with_their_mandate(b: Backend) {
-    const WS_POLICY: &str = "rules:\n  - id: read\n    methods: [GET]\n    paths: [\"/v1/**\"]\n";
-    let sidecar = caracal_shared::testing::free_port();
-    let Some(env) = start(b, move |c| {
-        c.gateway.sidecars = vec![caracal_shared::config::SidecarConfig {
-            listen: format!("127.0.0.1:{sidecar}"),
-            tenant: "acme".into(),
-            resource: "rt".into(),
-        }];
-    })
-    .await
-    else {
+    let Some((env, sidecar)) = start_with_sidecar(b, "rt").await else {
         return;
     };
     let (up, heads, frames) = ws_upstream().await;
-    let p = env
-        .api(
-            Method::POST,
-            "/v1/policies",
-            Some(json!({"name": "ws", "document": WS_POLICY, "activate": true})),
-        )
-        .await;
-    assert!(p.status.is_success(), "{}", p.text());
-    let policy = p.json_value()["policy"]["id"].as_str().unwrap().to_string();
+    let policy = read_only_policy(&env).await;
     add_resource_at(&env, "rt", "ws.test", up.port(), json!({"kind": "bearer"}), &policy).await;
     let base = format!("http://ws.test:{}", up.port());
     let m = mandate_reaching(&env, "GET", &format!("{base}/v1/plain"), b"").await;
@@ -1820,7 +1808,6 @@ async fn websocket_upgrades_are_governed_and_cut_with_their_mandate(b: Backend) 
 /// (key and accept) and the frames pass unchanged, the server sees the resource's credential,
 /// never the mandate.
 async fn a_python_websocket_client_through_a_sidecar(b: Backend) {
-    const WS_POLICY: &str = "rules:\n  - id: read\n    methods: [GET]\n    paths: [\"/v1/**\"]\n";
     const SERVER: &str = r#"
 import asyncio, sys, websockets
 async def echo(ws):
@@ -1841,40 +1828,11 @@ async def main():
         print(await asyncio.wait_for(ws.recv(), 10))
 asyncio.run(main())
 "#;
-    let sidecar = caracal_shared::testing::free_port();
-    let Some(env) = start(b, move |c| {
-        c.gateway.sidecars = vec![caracal_shared::config::SidecarConfig {
-            listen: format!("127.0.0.1:{sidecar}"),
-            tenant: "acme".into(),
-            resource: "rt".into(),
-        }];
-    })
-    .await
-    else {
+    let Some((env, sidecar)) = start_with_sidecar(b, "rt").await else {
         return;
     };
-    let port = caracal_shared::testing::free_port();
-    let _server = tokio::process::Command::new("python3")
-        .args(["-c", SERVER, &port.to_string()])
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python3");
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
-        })
-        .await,
-        "the Python WebSocket server listens"
-    );
-    let p = env
-        .api(
-            Method::POST,
-            "/v1/policies",
-            Some(json!({"name": "ws", "document": WS_POLICY, "activate": true})),
-        )
-        .await;
-    assert!(p.status.is_success(), "{}", p.text());
-    let policy = p.json_value()["policy"]["id"].as_str().unwrap().to_string();
+    let (_server, port) = python_server(SERVER, &[]).await;
+    let policy = read_only_policy(&env).await;
     let rt = add_resource_at(&env, "rt", "ws.test", port, json!({"kind": "bearer"}), &policy).await;
     let url = format!("ws://127.0.0.1:{sidecar}/v1/realtime");
     // (Mandates minted before the grant reached the STS do not cover the resource: retry.)

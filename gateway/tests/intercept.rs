@@ -260,25 +260,7 @@ asyncio.run(main())
     let (cert, key) = (dir.join("rt.pem"), dir.join("rt.key"));
     std::fs::write(&cert, &leaf.cert_pem).unwrap();
     std::fs::write(&key, &leaf.key_pem).unwrap();
-    let port = caracal_shared::testing::free_port();
-    let _server = tokio::process::Command::new("python3")
-        .args([
-            "-c",
-            SERVER,
-            &port.to_string(),
-            &cert.display().to_string(),
-            &key.display().to_string(),
-        ])
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python3");
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
-        })
-        .await,
-        "the Python WebSocket server listens"
-    );
+    let (_server, port) = python_server(SERVER, &[&cert.display().to_string(), &key.display().to_string()]).await;
     env.resolver.set("rt.test", &["127.0.0.1"]);
     let p = env
         .api(

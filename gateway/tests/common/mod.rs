@@ -235,6 +235,22 @@ pub async fn start(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Option<
     start_with_bus(backend, tweak, |b| b).await
 }
 
+/// [`start`] with a sidecar listener bound to the resource named `resource` of the test tenant
+/// (which need not exist yet); the sidecar's port.
+pub async fn start_with_sidecar(backend: Backend, resource: &str) -> Option<(Env, u16)> {
+    let port = caracal_shared::testing::free_port();
+    let resource = resource.to_string();
+    let env = start(backend, move |c| {
+        c.gateway.sidecars = vec![caracal_shared::config::SidecarConfig {
+            listen: format!("127.0.0.1:{port}"),
+            tenant: "acme".into(),
+            resource,
+        }];
+    })
+    .await?;
+    Some((env, port))
+}
+
 /// Like [`start`], with the runtime's bus wrapped (fault injection).
 pub async fn start_with_bus(
     backend: Backend,
@@ -583,6 +599,26 @@ pub async fn https_llm_on(
         }
     });
     Some((addr, seen))
+}
+
+/// A Python server (`python3 -c script port args…`) listening on a free loopback port, once it
+/// accepts connections; killed when the handle is dropped. Its port.
+pub async fn python_server(script: &str, args: &[&str]) -> (tokio::process::Child, u16) {
+    let port = caracal_shared::testing::free_port();
+    let child = tokio::process::Command::new("python3")
+        .args(["-c", script, &port.to_string()])
+        .args(args)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3");
+    assert!(
+        caracal_shared::testing::eventually(Duration::from_secs(20), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await,
+        "the Python server listens"
+    );
+    (child, port)
 }
 
 /// Whether python3 can import `module`.
