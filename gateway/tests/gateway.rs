@@ -1839,17 +1839,8 @@ asyncio.run(main())
     let last = std::sync::Mutex::new(String::new());
     let ok = eventually(Duration::from_secs(20), || async {
         let m = env.mandate(&[]).await;
-        let out = tokio::process::Command::new("python3")
-            .args(["-c", CLIENT, &url, &m])
-            .output()
-            .await
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let good = out.status.success() && text.trim() == "Bearer sk-second-secret|hello" && !text.contains(&m);
+        let (ran, text) = python_run(CLIENT, &[&url, &m]).await;
+        let good = ran && text.trim() == "Bearer sk-second-secret|hello" && !text.contains(&m);
         *last.lock().unwrap() = text;
         good
     })

@@ -293,18 +293,8 @@ asyncio.run(main())
     // (The grant reaches the STS's cache and the gateway's snapshot shortly: retry until then.)
     let last = std::sync::Mutex::new(String::new());
     let ok = eventually(Duration::from_secs(20), || async {
-        let out = tokio::process::Command::new("python3")
-            .args(["-c", CLIENT, &url, &proxy_url, &ca_file.display().to_string()])
-            .env("NO_PROXY", "")
-            .output()
-            .await
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let good = out.status.success() && text.trim() == "Bearer sk-realtime-real|hello";
+        let (ran, text) = python_run(CLIENT, &[&url, &proxy_url, &ca_file.display().to_string()]).await;
+        let good = ran && text.trim() == "Bearer sk-realtime-real|hello";
         *last.lock().unwrap() = text;
         good
     })

@@ -621,6 +621,24 @@ pub async fn python_server(script: &str, args: &[&str]) -> (tokio::process::Chil
     (child, port)
 }
 
+/// Run `python3 -c script args…` (no proxy from the environment unless the script asks for
+/// one): whether it succeeded, and its stdout then stderr.
+pub async fn python_run(script: &str, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", script])
+        .args(args)
+        .env("NO_PROXY", "")
+        .output()
+        .await
+        .expect("python3");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// Whether python3 can import `module`.
 pub fn python_has(module: &str) -> bool {
     std::process::Command::new("python3")
