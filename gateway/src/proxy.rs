@@ -286,6 +286,34 @@ fn websocket_upgrade(req: &RequestHeader) -> bool {
         && up.next().is_none()
 }
 
+/// Whether a `101` accepts the WebSocket `req` asked for (RFC 6455 §4.2.2): `Upgrade:
+/// websocket` and the `Sec-WebSocket-Accept` of the request's one `Sec-WebSocket-Key`. A 101
+/// without them did not come from a WebSocket handshake (an endpoint whose status a client can
+/// steer, a server switching to something else): the raw pipe it would open could carry plain
+/// HTTP requests to the upstream, past every per-request decision.
+fn accepts_websocket(req: &RequestHeader, resp: &ResponseHeader) -> bool {
+    use base64::Engine as _;
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut keys = req.headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let (Some(key), None) = (keys.next(), keys.next()) else {
+        return false;
+    };
+    let mut up = resp.headers.get_all(header::UPGRADE).iter();
+    if !(up
+        .next()
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        && up.next().is_none())
+    {
+        return false;
+    }
+    let mut sha1 = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    sha1.update(key.as_bytes());
+    sha1.update(GUID);
+    let want = base64::engine::general_purpose::STANDARD.encode(sha1.finish());
+    let mut accept = resp.headers.get_all(header::SEC_WEBSOCKET_ACCEPT).iter();
+    accept.next().is_some_and(|v| v.as_bytes() == want.as_bytes()) && accept.next().is_none()
+}
+
 /// The request's declared `Content-Length`, when it is a number.
 fn content_length(req: &RequestHeader) -> Option<usize> {
     req.headers
@@ -1169,17 +1197,20 @@ impl ProxyHttp for Proxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
-        // Only the WebSocket upgrade the gateway forwarded may switch protocols: another 101
-        // would turn the connection into a raw pipe past the per-request checks. (Defence in
-        // depth: it holds whatever the proxy framework makes of such a response.)
-        if resp.status == http::StatusCode::SWITCHING_PROTOCOLS && !ctx.websocket {
+        // Only the WebSocket upgrade the gateway forwarded may switch protocols, and only to
+        // a WebSocket that accepts it: another 101 would turn the connection into a raw pipe
+        // past the per-request checks. (Defence in depth: it holds whatever the proxy
+        // framework makes of such a response.)
+        if resp.status == http::StatusCode::SWITCHING_PROTOCOLS
+            && !(ctx.websocket && accepts_websocket(session.req_header(), resp))
+        {
             return Err(pingora::Error::explain(
                 pingora::ErrorType::HTTPStatus(502),
-                "the upstream switched protocols without an upgrade the gateway forwarded",
+                "the upstream switched protocols without accepting the WebSocket the gateway forwarded",
             ));
         }
         if ctx.reservation.as_ref().is_some_and(|r| r.needs_usage()) {
@@ -1548,5 +1579,43 @@ mod tests {
             !only_host_is(&mut two.iter(), "api.test", Some(8080)),
             "a second Host is replaced"
         );
+    }
+
+    #[test]
+    fn a_101_accepts_a_websocket_only_with_the_keys_accept() {
+        // RFC 6455 §1.3's example key and accept.
+        let mut req = RequestHeader::build("GET", b"/chat", None).unwrap();
+        req.append_header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .unwrap();
+        let resp = |upgrade: &[&str], accept: &[&str]| {
+            let mut r = ResponseHeader::build(101, None).unwrap();
+            for u in upgrade {
+                r.append_header("Upgrade", *u).unwrap();
+            }
+            for a in accept {
+                r.append_header("Sec-WebSocket-Accept", *a).unwrap();
+            }
+            r
+        };
+        const GOOD: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+        assert!(accepts_websocket(&req, &resp(&["WebSocket"], &[GOOD])));
+        for (upgrade, accept) in [
+            (&[][..], &[GOOD][..]),
+            (&["h2c"], &[GOOD]),
+            (&["websocket", "h2c"], &[GOOD]),
+            (&["websocket"], &[]),
+            (&["websocket"], &["s3pPLMBiTxaQ9kYGzzhZRbK+xOo"]),
+            (&["websocket"], &[GOOD, GOOD]),
+        ] {
+            assert!(
+                !accepts_websocket(&req, &resp(upgrade, accept)),
+                "{upgrade:?} {accept:?}"
+            );
+        }
+        let no_key = RequestHeader::build("GET", b"/chat", None).unwrap();
+        assert!(!accepts_websocket(&no_key, &resp(&["websocket"], &[GOOD])));
+        req.append_header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .unwrap();
+        assert!(!accepts_websocket(&req, &resp(&["websocket"], &[GOOD])), "two keys");
     }
 }

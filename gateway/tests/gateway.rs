@@ -37,6 +37,7 @@ on_both_backends!(
     deny_rules_on_models_and_tools_hold_for_bodies_decoders_read_differently,
     websocket_upgrades_are_governed_and_cut_with_their_mandate,
     a_python_websocket_client_through_a_sidecar,
+    a_101_that_accepts_no_websocket_opens_no_pipe,
 );
 
 fn auth(secret: &str) -> String {
@@ -1851,5 +1852,122 @@ asyncio.run(main())
             .await,
         "the upgrade is audited"
     );
+    env.stop().await;
+}
+
+/// A loopback upstream that answers `101 Switching Protocols` to any `/v1/switch…` request
+/// without switching — it keeps parsing HTTP on the connection (an endpoint whose status a
+/// client can steer, the WebSocket-smuggling setup) — and a 200 `ok` to anything else.
+/// Records each request line (lower-cased).
+async fn fake_switch_upstream() -> (std::net::SocketAddr, Log) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let lines: Log = Default::default();
+    let seen = lines.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { continue };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut b = [0u8; 16384];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut b).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
+                            _ => return,
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    buf.drain(..end);
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    while buf.len() < len {
+                        match s.read(&mut b).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
+                            _ => return,
+                        }
+                    }
+                    buf.drain(..len);
+                    let line = head.lines().next().unwrap_or("").to_string();
+                    seen.lock().unwrap().push(line.clone());
+                    let resp: &[u8] = if line.contains(" /v1/switch") {
+                        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                    };
+                    if s.write_all(resp).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, lines)
+}
+
+/// An upstream's 101 opens a pipe only when it accepts the WebSocket the gateway forwarded
+/// (RFC 6455 §4.2.2: `Upgrade: websocket` and the `Sec-WebSocket-Accept` of the request's key).
+/// A 101 from an endpoint that did not switch would leave the agent a raw HTTP connection to
+/// the upstream: requests on it (any method, any path) would skip every decision.
+async fn a_101_that_accepts_no_websocket_opens_no_pipe(b: Backend) {
+    const WS_POLICY: &str = "rules:\n  - id: read\n    methods: [GET]\n    paths: [\"/v1/**\"]\n";
+    let Some(env) = start(b, |_| {}).await else { return };
+    let (up, lines) = fake_switch_upstream().await;
+    let p = env
+        .api(
+            Method::POST,
+            "/v1/policies",
+            Some(json!({"name": "ws", "document": WS_POLICY, "activate": true})),
+        )
+        .await;
+    assert!(p.status.is_success(), "{}", p.text());
+    let policy = p.json_value()["policy"]["id"].as_str().unwrap().to_string();
+    add_resource_at(&env, "rt", "ws.test", up.port(), json!({"kind": "bearer"}), &policy).await;
+    let base = format!("http://ws.test:{}", up.port());
+    let m = mandate_reaching(&env, "GET", &format!("{base}/v1/plain"), b"").await;
+    let a = auth(&m);
+    // The policy refuses a DELETE.
+    let r = env
+        .via_proxy(
+            "DELETE",
+            &format!("{base}/v1/items/1"),
+            &[("proxy-authorization", &a)],
+            b"",
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    let (mut s, head) = raw_get(
+        env.proxy,
+        &format!("{base}/v1/switch"),
+        &[
+            ("proxy-authorization", &a),
+            ("upgrade", "websocket"),
+            ("connection", "Upgrade"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ],
+    )
+    .await;
+    let smuggled = exchange(
+        &mut s,
+        b"DELETE /v1/items/1 HTTP/1.1\r\nHost: ws.test\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = lines.lock().unwrap().clone();
+    assert!(
+        !seen.iter().any(|l| l.starts_with("delete")),
+        "a request reached the upstream undecided: {seen:?} (head {head:?}, answer {:?})",
+        smuggled.map(|b| String::from_utf8_lossy(&b).into_owned())
+    );
+    assert!(head.starts_with("http/1.1 502"), "{head}");
     env.stop().await;
 }
