@@ -61,8 +61,8 @@ pub struct Ctx {
     reservation: Option<Box<crate::budget::Reservation>>,
     /// Reads usage from the response as it streams by (when a budget needs it).
     usage: Option<Box<caracal_shared::metering::UsageScanner>>,
-    /// The mandate was revoked (or a WebSocket's expired) while the request was in flight, and
-    /// the exchange was cut.
+    /// The mandate was revoked (or a WebSocket's expired, or the revocation feed went stale
+    /// under it) while the request was in flight, and the exchange was cut.
     revoked_in_flight: bool,
     /// The request asks for a WebSocket (see [`websocket_upgrade`]); once allowed, the one
     /// upgrade the gateway forwards and lets the upstream accept.
@@ -886,13 +886,17 @@ impl Proxy {
 
 impl Proxy {
     /// Cut a request in flight whose mandate was revoked (one atomic load unless the
-    /// revocation set changed); a WebSocket's session is cut at its mandate's expiry too.
+    /// revocation set changed); a WebSocket's session is cut at its mandate's expiry too, and
+    /// while the revocation feed is stale (a revocation may be missing: new requests are
+    /// refused then, and a session outlives any request).
     fn cut_if_over(&self, ctx: &mut Ctx) -> pingora::Result<()> {
         let Some(d) = &ctx.decision else { return Ok(()) };
         let why = if d.mandate.is_revoked(&self.gw.revocations) {
             "mandate revoked mid-response"
         } else if ctx.websocket && d.mandate.m.claims.expires_at <= caracal_shared::time::coarse_now_secs() {
             "mandate expired mid-session"
+        } else if ctx.websocket && self.gw.revocations.is_stale() {
+            "revocation feed stale mid-session"
         } else {
             return Ok(());
         };

@@ -38,6 +38,7 @@ on_both_backends!(
     websocket_upgrades_are_governed_and_cut_with_their_mandate,
     a_python_websocket_client_through_a_sidecar,
     a_101_that_accepts_no_websocket_opens_no_pipe,
+    a_live_websocket_is_cut_when_the_revocation_feed_goes_stale,
 );
 
 fn auth(secret: &str) -> String {
@@ -1969,5 +1970,76 @@ async fn a_101_that_accepts_no_websocket_opens_no_pipe(b: Backend) {
         smuggled.map(|b| String::from_utf8_lossy(&b).into_owned())
     );
     assert!(head.starts_with("http/1.1 502"), "{head}");
+    env.stop().await;
+}
+
+/// A stale revocation feed refuses everything (a revocation may be missing); a live WebSocket
+/// is no exception: its next frame cuts it, as a revocation would.
+async fn a_live_websocket_is_cut_when_the_revocation_feed_goes_stale(b: Backend) {
+    const WS_POLICY: &str = "rules:\n  - id: read\n    methods: [GET]\n    paths: [\"/v1/**\"]\n";
+    let faulty: Arc<std::sync::Mutex<Option<Arc<FaultyBus>>>> = Arc::default();
+    let f2 = faulty.clone();
+    let Some(env) = start_with_bus(
+        b,
+        |c| {
+            c.gateway.revocation_staleness = Duration::from_millis(800);
+            c.gateway.revocation_reconcile_interval = Duration::from_secs(3600);
+        },
+        move |bus| {
+            let f = Arc::new(FaultyBus::new(bus));
+            *f2.lock().unwrap() = Some(f.clone());
+            f
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let (up, _heads, frames) = ws_upstream().await;
+    let p = env
+        .api(
+            Method::POST,
+            "/v1/policies",
+            Some(json!({"name": "ws", "document": WS_POLICY, "activate": true})),
+        )
+        .await;
+    assert!(p.status.is_success(), "{}", p.text());
+    let policy = p.json_value()["policy"]["id"].as_str().unwrap().to_string();
+    add_resource_at(&env, "rt", "ws.test", up.port(), json!({"kind": "bearer"}), &policy).await;
+    let base = format!("http://ws.test:{}", up.port());
+    let m = mandate_reaching(&env, "GET", &format!("{base}/v1/plain"), b"").await;
+    let a = auth(&m);
+    let (mut s, head) = raw_get(
+        env.proxy,
+        &format!("{base}/v1/realtime"),
+        &[
+            ("proxy-authorization", &a),
+            ("upgrade", "websocket"),
+            ("connection", "Upgrade"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ],
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert_eq!(exchange(&mut s, b"fresh").await.as_deref(), Some(&b"echo:fresh"[..]));
+    faulty.lock().unwrap().clone().unwrap().fail_reads(true);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            env.via_proxy("GET", &format!("{base}/v1/plain"), &[("proxy-authorization", &a)], b"")
+                .await
+                .code()
+                == "revocation_feed_stale"
+        })
+        .await,
+        "the feed went stale"
+    );
+    let after = exchange(&mut s, b"stale").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = frames.lock().unwrap().clone();
+    assert!(
+        after.is_none() && !log.iter().any(|f| f.contains("stale")),
+        "a frame went up while the feed was stale: {after:?} {log:?}"
+    );
     env.stop().await;
 }
