@@ -817,6 +817,14 @@ impl Proxy {
         let ca = d.resource.upstream_ca_der.as_deref().map(|v| v.as_slice());
         match self.fwd.send(d.addr, sni, ca, hreq).await {
             Ok((resp, lease)) => {
+                // Nothing this forwarder sends asks to switch protocols (the request's
+                // `Upgrade` stays here): an upstream's 101 is refused, as on Pingora's path.
+                if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(pingora::Error::explain(
+                        pingora::ErrorType::HTTPStatus(502),
+                        "the upstream switched protocols without an upgrade the gateway forwarded",
+                    ));
+                }
                 let (parts, mut body) = resp.into_parts();
                 if ctx.reservation.as_ref().is_some_and(|r| r.needs_usage()) {
                     let ct = parts

@@ -39,6 +39,7 @@ on_both_backends!(
     a_python_websocket_client_through_a_sidecar,
     a_101_that_accepts_no_websocket_opens_no_pipe,
     a_live_websocket_is_cut_when_the_revocation_feed_goes_stale,
+    an_unasked_101_is_refused_on_the_own_forwarder_path,
 );
 
 fn auth(secret: &str) -> String {
@@ -2041,5 +2042,61 @@ async fn a_live_websocket_is_cut_when_the_revocation_feed_goes_stale(b: Backend)
         after.is_none() && !log.iter().any(|f| f.contains("stale")),
         "a frame went up while the feed was stale: {after:?} {log:?}"
     );
+    env.stop().await;
+}
+
+/// The gateway's own forwarder (an inspected body past the replay buffer) refuses an upstream's
+/// unasked 101 as Pingora's path does: the agent never sees a switch it was not granted.
+async fn an_unasked_101_is_refused_on_the_own_forwarder_path(b: Backend) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const POST_POLICY: &str =
+        "rules:\n  - id: chat\n    methods: [POST]\n    paths: [\"/v1/**\"]\n    models: [\"gpt-4o\"]\n";
+    let Some(env) = start(b, |_| {}).await else { return };
+    let (up, lines) = fake_switch_upstream().await;
+    let p = env
+        .api(
+            Method::POST,
+            "/v1/policies",
+            Some(json!({"name": "post", "document": POST_POLICY, "activate": true})),
+        )
+        .await;
+    assert!(p.status.is_success(), "{}", p.text());
+    let policy = p.json_value()["policy"]["id"].as_str().unwrap().to_string();
+    add_resource_at(&env, "rt", "ws.test", up.port(), json!({"kind": "bearer"}), &policy).await;
+    let base = format!("http://ws.test:{}", up.port());
+    let small = json!({"model": "gpt-4o"}).to_string();
+    let m = mandate_reaching(&env, "POST", &format!("{base}/v1/plain"), small.as_bytes()).await;
+    let big = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(100 * 1024)}]}).to_string();
+    for (what, extra) in [
+        ("small body, Pingora's path", small.as_str()),
+        ("large body, own forwarder", big.as_str()),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(env.proxy).await.unwrap();
+        let req = format!(
+            "POST {base}/v1/switch HTTP/1.1\r\nHost: ws.test:{}\r\nProxy-Authorization: {}\r\nContent-Type: application/json\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nContent-Length: {}\r\n\r\n",
+            up.port(),
+            auth(&m),
+            extra.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        s.write_all(extra.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut b).await {
+                    Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+                    _ => break,
+                }
+            }
+        })
+        .await;
+        let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(
+            head.starts_with("http/1.1 502"),
+            "{what}: {head:?} (upstream saw {:?})",
+            lines.lock().unwrap()
+        );
+    }
     env.stop().await;
 }
