@@ -1860,7 +1860,7 @@ asyncio.run(main())
 /// A loopback upstream that answers `101 Switching Protocols` to any `/v1/switch…` request
 /// without switching — it keeps parsing HTTP on the connection (an endpoint whose status a
 /// client can steer, the WebSocket-smuggling setup) — and a 200 `ok` to anything else.
-/// Records each request line (lower-cased).
+/// Records each request line (lower-cased), and `closed` when a connection ends.
 async fn fake_switch_upstream() -> (std::net::SocketAddr, Log) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1881,7 +1881,10 @@ async fn fake_switch_upstream() -> (std::net::SocketAddr, Log) {
                         }
                         match s.read(&mut b).await {
                             Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
-                            _ => return,
+                            _ => {
+                                seen.lock().unwrap().push("closed".into());
+                                return;
+                            }
                         }
                     };
                     let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
@@ -1894,7 +1897,10 @@ async fn fake_switch_upstream() -> (std::net::SocketAddr, Log) {
                     while buf.len() < len {
                         match s.read(&mut b).await {
                             Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
-                            _ => return,
+                            _ => {
+                                seen.lock().unwrap().push("closed".into());
+                                return;
+                            }
                         }
                     }
                     buf.drain(..len);
@@ -1920,18 +1926,9 @@ async fn fake_switch_upstream() -> (std::net::SocketAddr, Log) {
 /// A 101 from an endpoint that did not switch would leave the agent a raw HTTP connection to
 /// the upstream: requests on it (any method, any path) would skip every decision.
 async fn a_101_that_accepts_no_websocket_opens_no_pipe(b: Backend) {
-    const WS_POLICY: &str = "rules:\n  - id: read\n    methods: [GET]\n    paths: [\"/v1/**\"]\n";
     let Some(env) = start(b, |_| {}).await else { return };
     let (up, lines) = fake_switch_upstream().await;
-    let p = env
-        .api(
-            Method::POST,
-            "/v1/policies",
-            Some(json!({"name": "ws", "document": WS_POLICY, "activate": true})),
-        )
-        .await;
-    assert!(p.status.is_success(), "{}", p.text());
-    let policy = p.json_value()["policy"]["id"].as_str().unwrap().to_string();
+    let policy = read_only_policy(&env).await;
     add_resource_at(&env, "rt", "ws.test", up.port(), json!({"kind": "bearer"}), &policy).await;
     let base = format!("http://ws.test:{}", up.port());
     let m = mandate_reaching(&env, "GET", &format!("{base}/v1/plain"), b"").await;
@@ -1963,7 +1960,16 @@ async fn a_101_that_accepts_no_websocket_opens_no_pipe(b: Backend) {
         b"DELETE /v1/items/1 HTTP/1.1\r\nHost: ws.test\r\nContent-Length: 0\r\n\r\n",
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Everything the gateway forwarded on that connection arrived before its close (or the
+    // smuggled request shows up, and the assertion below says so).
+    eventually(Duration::from_secs(10), || async {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l == "closed" || l.starts_with("delete"))
+    })
+    .await;
     let seen = lines.lock().unwrap().clone();
     assert!(
         !seen.iter().any(|l| l.starts_with("delete")),
@@ -1977,7 +1983,6 @@ async fn a_101_that_accepts_no_websocket_opens_no_pipe(b: Backend) {
 /// A stale revocation feed refuses everything (a revocation may be missing); a live WebSocket
 /// is no exception: its next frame cuts it, as a revocation would.
 async fn a_live_websocket_is_cut_when_the_revocation_feed_goes_stale(b: Backend) {
-    const WS_POLICY: &str = "rules:\n  - id: read\n    methods: [GET]\n    paths: [\"/v1/**\"]\n";
     let faulty: Arc<std::sync::Mutex<Option<Arc<FaultyBus>>>> = Arc::default();
     let f2 = faulty.clone();
     let Some(env) = start_with_bus(
@@ -1997,15 +2002,7 @@ async fn a_live_websocket_is_cut_when_the_revocation_feed_goes_stale(b: Backend)
         return;
     };
     let (up, _heads, frames) = ws_upstream().await;
-    let p = env
-        .api(
-            Method::POST,
-            "/v1/policies",
-            Some(json!({"name": "ws", "document": WS_POLICY, "activate": true})),
-        )
-        .await;
-    assert!(p.status.is_success(), "{}", p.text());
-    let policy = p.json_value()["policy"]["id"].as_str().unwrap().to_string();
+    let policy = read_only_policy(&env).await;
     add_resource_at(&env, "rt", "ws.test", up.port(), json!({"kind": "bearer"}), &policy).await;
     let base = format!("http://ws.test:{}", up.port());
     let m = mandate_reaching(&env, "GET", &format!("{base}/v1/plain"), b"").await;
@@ -2036,7 +2033,16 @@ async fn a_live_websocket_is_cut_when_the_revocation_feed_goes_stale(b: Backend)
         "the feed went stale"
     );
     let after = exchange(&mut s, b"stale").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Everything the gateway forwarded on that session arrived before its close (or the
+    // frame shows up, and the assertion below says so).
+    eventually(Duration::from_secs(10), || async {
+        frames
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|f| f == "closed" || f.contains("stale"))
+    })
+    .await;
     let log = frames.lock().unwrap().clone();
     assert!(
         after.is_none() && !log.iter().any(|f| f.contains("stale")),
