@@ -61,9 +61,9 @@ pub struct Ctx {
     reservation: Option<Box<crate::budget::Reservation>>,
     /// Reads usage from the response as it streams by (when a budget needs it).
     usage: Option<Box<caracal_shared::metering::UsageScanner>>,
-    /// The mandate was revoked (or a WebSocket's expired, or the revocation feed went stale
-    /// under it) while the request was in flight, and the exchange was cut.
-    revoked_in_flight: bool,
+    /// Why the exchange was cut in flight, if it was (an [`ExchangeEnd`] outcome: `revoked`,
+    /// or for a WebSocket also `expired` and `revocation_feed_stale`).
+    cut: Option<&'static str>,
     /// The request asks for a WebSocket (see [`websocket_upgrade`]); once allowed, the one
     /// upgrade the gateway forwards and lets the upstream accept.
     websocket: bool,
@@ -899,18 +899,38 @@ impl Proxy {
     /// refused then, and a session outlives any request).
     fn cut_if_over(&self, ctx: &mut Ctx) -> pingora::Result<()> {
         let Some(d) = &ctx.decision else { return Ok(()) };
-        let why = if d.mandate.is_revoked(&self.gw.revocations) {
-            "mandate revoked mid-response"
+        let (cut, why) = if d.mandate.is_revoked(&self.gw.revocations) {
+            ("revoked", "mandate revoked mid-response")
         } else if ctx.websocket && d.mandate.m.claims.expires_at <= caracal_shared::time::coarse_now_secs() {
-            "mandate expired mid-session"
+            ("expired", "mandate expired mid-session")
         } else if ctx.websocket && self.gw.revocations.is_stale() {
-            "revocation feed stale mid-session"
+            ("revocation_feed_stale", "revocation feed stale mid-session")
         } else {
             return Ok(());
         };
         self.gw.metrics.responses_cut.inc();
-        ctx.revoked_in_flight = true;
+        ctx.cut = Some(cut);
         Err(pingora::Error::explain(pingora::ErrorType::InternalError, why))
+    }
+
+    /// Record how a WebSocket session, or an exchange cut in flight, ended (its decision
+    /// event recorded how it began).
+    fn record_end(&self, session: &Session, failed: bool, ctx: &Ctx) {
+        let Some(d) = &ctx.decision else { return };
+        let who = Who::of(&d.mandate);
+        let ev = ExchangeEnd {
+            request_id: ctx.rid,
+            kind: if ctx.websocket { "websocket" } else { "http" },
+            outcome: ctx.cut.unwrap_or(if failed { "error" } else { "closed" }),
+            status: session.response_written().map(|r| r.status.as_u16()),
+            duration_ms: i64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(i64::MAX),
+            resource: d.resource.res.id,
+            who,
+            gateway: self.gw.gateway_id,
+        };
+        if let Err(e) = self.gw.audit.emit_record("exchange_end", Some(who.tenant), ev) {
+            tracing::warn!(error = %e, request_id = %ctx.rid, "the end of an exchange could not be recorded");
+        }
     }
 
     /// Settle a request's budgets from what the response reported, and record it.
@@ -992,6 +1012,43 @@ impl caracal_shared::audit::Record for SettlementRecord {
     }
 }
 
+/// How a WebSocket session, or an exchange the gateway cut in flight, ended (owned: the audit
+/// publisher writes it). Outcomes: `closed`, `error`, or the cut's reason (`revoked`,
+/// `expired`, `revocation_feed_stale`).
+struct ExchangeEnd {
+    request_id: RequestId,
+    kind: &'static str,
+    outcome: &'static str,
+    /// The status the client was answered (`None`: nothing was written).
+    status: Option<u16>,
+    duration_ms: i64,
+    resource: caracal_shared::ids::ResourceId,
+    who: Who,
+    gateway: &'static str,
+}
+
+impl caracal_shared::audit::Record for ExchangeEnd {
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        let mut id = [0u8; caracal_shared::ids::ID_TEXT_MAX];
+        let mut o = caracal_shared::audit::JsonObject::new(out);
+        o.str("type", "exchange_end")
+            .str("kind", self.kind)
+            .str("outcome", self.outcome);
+        match self.status {
+            Some(s) => o.int("status", i64::from(s)),
+            None => o.null("status"),
+        };
+        o.int("duration_ms", self.duration_ms);
+        o.str("agent", self.who.agent.encode(&mut id));
+        o.str("mandate_id", self.who.mandate_id.encode(&mut id));
+        o.opt_str("session", self.who.session.as_ref().map(|s| s.encode(&mut id)));
+        o.str("resource", self.resource.encode(&mut id));
+        o.str("request_id", &self.request_id).str("gateway", self.gateway);
+        o.finish();
+        Ok(())
+    }
+}
+
 /// What was established before a refusal.
 #[derive(Default)]
 struct Partial {
@@ -1013,7 +1070,7 @@ impl ProxyHttp for Proxy {
             forward_target: String::new(),
             reservation: None,
             usage: None,
-            revoked_in_flight: false,
+            cut: None,
             websocket: false,
         }
     }
@@ -1188,10 +1245,13 @@ impl ProxyHttp for Proxy {
         Ok(())
     }
 
-    async fn logging(&self, _session: &mut Session, e: Option<&pingora::Error>, ctx: &mut Ctx) {
+    async fn logging(&self, session: &mut Session, e: Option<&pingora::Error>, ctx: &mut Ctx) {
         // (A WebSocket's time is its session's length, not a request's latency.)
         if !ctx.websocket {
             self.gw.metrics.total.observe(ctx.started.elapsed().as_secs_f64());
+        }
+        if ctx.websocket || ctx.cut.is_some() {
+            self.record_end(session, e.is_some(), ctx);
         }
         if let Some(r) = ctx.reservation.take() {
             self.settle(*r, ctx, e.is_some());
@@ -1269,7 +1329,9 @@ impl ProxyHttp for Proxy {
         }
         let code = match e.etype() {
             // Cut before anything was sent: say why (the client may retry with a new mandate).
-            _ if ctx.revoked_in_flight => ErrorCode::MandateRevoked,
+            _ if ctx.cut == Some("revoked") => ErrorCode::MandateRevoked,
+            _ if ctx.cut == Some("expired") => ErrorCode::MandateExpired,
+            _ if ctx.cut.is_some() => ErrorCode::RevocationFeedStale,
             ConnectTimedout | ReadTimedout | WriteTimedout => ErrorCode::UpstreamTimeout,
             _ if matches!(e.esource(), pingora::ErrorSource::Upstream) => ErrorCode::UpstreamUnreachable,
             HTTPStatus(403) => ErrorCode::Forbidden,
@@ -1286,6 +1348,8 @@ impl ProxyHttp for Proxy {
             code,
             match code {
                 ErrorCode::MandateRevoked => "the mandate was revoked while the request was in flight",
+                ErrorCode::MandateExpired => "the mandate expired while the request was in flight",
+                ErrorCode::RevocationFeedStale => "the revocation feed went stale while the request was in flight",
                 ErrorCode::UpstreamTimeout => "the upstream timed out",
                 _ => "the upstream could not be reached",
             },

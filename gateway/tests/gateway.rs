@@ -391,6 +391,12 @@ async fn revocation_takes_effect_at_the_gateway(b: Backend) {
         .await;
     assert_eq!(r.status, 403);
     assert!(env.audited(|e| e["reason"] == "mandate_revoked").await);
+    // The request cut in flight is on record too, with why.
+    assert!(
+        env.recorded("exchange_end", |e| e["kind"] == "http" && e["outcome"] == "revoked")
+            .await,
+        "the cut is recorded"
+    );
     env.stop().await;
 }
 
@@ -1750,6 +1756,14 @@ async fn websocket_upgrades_are_governed_and_cut_with_their_mandate(b: Backend) 
         cut && echoed > 0,
         "the session ran ({echoed} frames) and was cut at expiry"
     );
+    assert!(
+        env.recorded("exchange_end", |e| e["kind"] == "websocket"
+            && e["outcome"] == "expired"
+            && e["status"] == 101
+            && e["duration_ms"].as_i64().is_some_and(|d| d >= 1000))
+            .await,
+        "the session's end is recorded with its reason"
+    );
 
     // (The gateway closed the upstream side of the rogue switch and of the expired session;
     // the first session is still open.)
@@ -1790,6 +1804,12 @@ async fn websocket_upgrades_are_governed_and_cut_with_their_mandate(b: Backend) 
         "the revocation reached the gateway"
     );
     assert_eq!(exchange(&mut s6, b"after").await, None, "the session is cut");
+    assert!(
+        env.recorded("exchange_end", |e| e["kind"] == "websocket"
+            && e["outcome"] == "revoked")
+            .await,
+        "the cut is recorded"
+    );
     // The gateway closed the upstream side too, and the frame sent after the revocation
     // never went up (it would have arrived before the close).
     assert!(

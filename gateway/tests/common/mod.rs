@@ -486,11 +486,16 @@ impl Env {
 
     /// Wait for a decision audit event matching `pred`.
     pub async fn audited(&self, pred: impl Fn(&Value) -> bool) -> bool {
+        self.recorded("decision", pred).await
+    }
+
+    /// Wait for an audit event of `type` matching `pred`.
+    pub async fn recorded(&self, kind: &str, pred: impl Fn(&Value) -> bool) -> bool {
         testing::eventually(Duration::from_secs(10), || async {
             self.audit()
                 .await
                 .iter()
-                .any(|e| e.body["type"] == "decision" && pred(&e.body))
+                .any(|e| e.body["type"] == kind && pred(&e.body))
         })
         .await
     }
