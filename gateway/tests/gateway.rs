@@ -1874,6 +1874,14 @@ asyncio.run(main())
             .await,
         "the upgrade is audited"
     );
+    assert!(
+        env.recorded("exchange_end", |e| e["kind"] == "websocket"
+            && e["outcome"] == "closed"
+            && e["status"] == 101
+            && e["resource"] == rt.as_str())
+            .await,
+        "a session the client closed is recorded as closed"
+    );
     env.stop().await;
 }
 
