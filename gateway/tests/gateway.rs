@@ -400,14 +400,15 @@ async fn revocation_takes_effect_at_the_gateway(b: Backend) {
     env.stop().await;
 }
 
-async fn a_stale_revocation_feed_fails_closed(b: Backend) {
+/// [`start`] on a bus that can be made to fail, with a revocation feed that goes stale 800 ms
+/// after its last read (only the feed keeps it fresh: no reconciliation); the bus.
+async fn start_with_faulty_feed(b: Backend) -> Option<(Env, Arc<FaultyBus>)> {
     let faulty: Arc<std::sync::Mutex<Option<Arc<FaultyBus>>>> = Arc::default();
     let f2 = faulty.clone();
-    let Some(env) = start_with_bus(
+    let env = start_with_bus(
         b,
         |c| {
             c.gateway.revocation_staleness = Duration::from_millis(800);
-            // Only the feed keeps it fresh here (a reconciliation would too).
             c.gateway.revocation_reconcile_interval = Duration::from_secs(3600);
         },
         move |bus| {
@@ -416,8 +417,13 @@ async fn a_stale_revocation_feed_fails_closed(b: Backend) {
             f
         },
     )
-    .await
-    else {
+    .await?;
+    let f = faulty.lock().unwrap().clone().expect("the bus was wrapped");
+    Some((env, f))
+}
+
+async fn a_stale_revocation_feed_fails_closed(b: Backend) {
+    let Some((env, f)) = start_with_faulty_feed(b).await else {
         return;
     };
     let m = env.mandate(&[]).await;
@@ -428,7 +434,6 @@ async fn a_stale_revocation_feed_fails_closed(b: Backend) {
             .status,
         200
     );
-    let f = faulty.lock().unwrap().clone().unwrap();
     f.fail_reads(true);
     assert!(
         eventually(Duration::from_secs(10), || async {
@@ -2011,22 +2016,7 @@ async fn a_101_that_accepts_no_websocket_opens_no_pipe(b: Backend) {
 /// A stale revocation feed refuses everything (a revocation may be missing); a live WebSocket
 /// is no exception: its next frame cuts it, as a revocation would.
 async fn a_live_websocket_is_cut_when_the_revocation_feed_goes_stale(b: Backend) {
-    let faulty: Arc<std::sync::Mutex<Option<Arc<FaultyBus>>>> = Arc::default();
-    let f2 = faulty.clone();
-    let Some(env) = start_with_bus(
-        b,
-        |c| {
-            c.gateway.revocation_staleness = Duration::from_millis(800);
-            c.gateway.revocation_reconcile_interval = Duration::from_secs(3600);
-        },
-        move |bus| {
-            let f = Arc::new(FaultyBus::new(bus));
-            *f2.lock().unwrap() = Some(f.clone());
-            f
-        },
-    )
-    .await
-    else {
+    let Some((env, faulty)) = start_with_faulty_feed(b).await else {
         return;
     };
     let (up, _heads, frames) = ws_upstream().await;
@@ -2049,7 +2039,7 @@ async fn a_live_websocket_is_cut_when_the_revocation_feed_goes_stale(b: Backend)
     .await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert_eq!(exchange(&mut s, b"fresh").await.as_deref(), Some(&b"echo:fresh"[..]));
-    faulty.lock().unwrap().clone().unwrap().fail_reads(true);
+    faulty.fail_reads(true);
     assert!(
         eventually(Duration::from_secs(10), || async {
             env.via_proxy("GET", &format!("{base}/v1/plain"), &[("proxy-authorization", &a)], b"")
