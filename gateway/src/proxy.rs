@@ -61,9 +61,8 @@ pub struct Ctx {
     reservation: Option<Box<crate::budget::Reservation>>,
     /// Reads usage from the response as it streams by (when a budget needs it).
     usage: Option<Box<caracal_shared::metering::UsageScanner>>,
-    /// Why the exchange was cut in flight, if it was (an [`ExchangeEnd`] outcome: `revoked`,
-    /// or for a WebSocket also `expired` and `revocation_feed_stale`).
-    cut: Option<&'static str>,
+    /// Why the exchange was cut in flight, if it was.
+    cut: Option<Cut>,
     /// The request asks for a WebSocket (see [`websocket_upgrade`]); once allowed, the one
     /// upgrade the gateway forwards and lets the upstream accept.
     websocket: bool,
@@ -899,18 +898,21 @@ impl Proxy {
     /// refused then, and a session outlives any request).
     fn cut_if_over(&self, ctx: &mut Ctx) -> pingora::Result<()> {
         let Some(d) = &ctx.decision else { return Ok(()) };
-        let (cut, why) = if d.mandate.is_revoked(&self.gw.revocations) {
-            ("revoked", "mandate revoked mid-response")
+        let cut = if d.mandate.is_revoked(&self.gw.revocations) {
+            Cut::Revoked
         } else if ctx.websocket && d.mandate.m.claims.expires_at <= caracal_shared::time::coarse_now_secs() {
-            ("expired", "mandate expired mid-session")
+            Cut::Expired
         } else if ctx.websocket && self.gw.revocations.is_stale() {
-            ("revocation_feed_stale", "revocation feed stale mid-session")
+            Cut::FeedStale
         } else {
             return Ok(());
         };
         self.gw.metrics.responses_cut.inc();
         ctx.cut = Some(cut);
-        Err(pingora::Error::explain(pingora::ErrorType::InternalError, why))
+        Err(pingora::Error::explain(
+            pingora::ErrorType::InternalError,
+            cut.log_line(),
+        ))
     }
 
     /// Record how a WebSocket session, or an exchange cut in flight, ended (its decision
@@ -921,7 +923,11 @@ impl Proxy {
         let ev = ExchangeEnd {
             request_id: ctx.rid,
             kind: if ctx.websocket { "websocket" } else { "http" },
-            outcome: ctx.cut.unwrap_or(if failed { "error" } else { "closed" }),
+            outcome: match ctx.cut {
+                Some(c) => c.outcome(),
+                None if failed => "error",
+                None => "closed",
+            },
             status: session.response_written().map(|r| r.status.as_u16()),
             duration_ms: i64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(i64::MAX),
             resource: d.resource.res.id,
@@ -1009,6 +1015,50 @@ impl caracal_shared::audit::Record for SettlementRecord {
         .objects("settled", &self.settled, |s, o| s.write(o));
         o.finish();
         Ok(())
+    }
+}
+
+/// Why the gateway cut an exchange in flight: its mandate was revoked; for a WebSocket also, its
+/// mandate expired or the revocation feed went stale (a revocation may be missing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    Revoked,
+    Expired,
+    FeedStale,
+}
+
+impl Cut {
+    /// The [`ExchangeEnd`] outcome.
+    fn outcome(self) -> &'static str {
+        match self {
+            Cut::Revoked => "revoked",
+            Cut::Expired => "expired",
+            Cut::FeedStale => "revocation_feed_stale",
+        }
+    }
+
+    /// What the proxy framework's error (and log) says.
+    fn log_line(self) -> &'static str {
+        match self {
+            Cut::Revoked => "mandate revoked mid-response",
+            Cut::Expired => "mandate expired mid-session",
+            Cut::FeedStale => "revocation feed stale mid-session",
+        }
+    }
+
+    /// What the client is told when nothing had been answered yet.
+    fn error(self) -> Error {
+        match self {
+            Cut::Revoked => Error::new(
+                ErrorCode::MandateRevoked,
+                "the mandate was revoked while the request was in flight",
+            ),
+            Cut::Expired => Error::new(ErrorCode::MandateExpired, "the mandate expired during the session"),
+            Cut::FeedStale => Error::new(
+                ErrorCode::RevocationFeedStale,
+                "the revocation feed went stale during the session",
+            ),
+        }
     }
 }
 
@@ -1327,11 +1377,16 @@ impl ProxyHttp for Proxy {
                 can_reuse_downstream: false,
             };
         }
+        // Cut before anything was sent: say why (the client may retry with a new mandate).
+        if let Some(cut) = ctx.cut {
+            let err = cut.error();
+            let _ = respond_error(session, &err, false, &ctx.rid).await;
+            return FailToProxy {
+                error_code: err.status().as_u16(),
+                can_reuse_downstream: false,
+            };
+        }
         let code = match e.etype() {
-            // Cut before anything was sent: say why (the client may retry with a new mandate).
-            _ if ctx.cut == Some("revoked") => ErrorCode::MandateRevoked,
-            _ if ctx.cut == Some("expired") => ErrorCode::MandateExpired,
-            _ if ctx.cut.is_some() => ErrorCode::RevocationFeedStale,
             ConnectTimedout | ReadTimedout | WriteTimedout => ErrorCode::UpstreamTimeout,
             _ if matches!(e.esource(), pingora::ErrorSource::Upstream) => ErrorCode::UpstreamUnreachable,
             HTTPStatus(403) => ErrorCode::Forbidden,
@@ -1347,9 +1402,6 @@ impl ProxyHttp for Proxy {
         let err = Error::new(
             code,
             match code {
-                ErrorCode::MandateRevoked => "the mandate was revoked while the request was in flight",
-                ErrorCode::MandateExpired => "the mandate expired while the request was in flight",
-                ErrorCode::RevocationFeedStale => "the revocation feed went stale while the request was in flight",
                 ErrorCode::UpstreamTimeout => "the upstream timed out",
                 _ => "the upstream could not be reached",
             },
