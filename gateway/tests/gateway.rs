@@ -1023,54 +1023,66 @@ async fn mandate_reaching(env: &Env, method: &str, url: &str, body: &[u8]) -> St
 /// test writes byte for byte: a request with the query `hop` gets a response carrying
 /// hop-by-hop fields; any other, a plain 200 `ok`.
 async fn raw_upstream() -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
+    loopback(|mut s| async move {
+        let mut buf = Vec::new();
+        while let Some((head, _)) = read_message(&mut s, &mut buf).await {
+            let target = head.lines().next().unwrap_or("").split(' ').nth(1).unwrap_or("");
+            let resp: &[u8] = if target.ends_with("?hop") {
+                b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Up-Hop\r\nX-Up-Hop: secret\r\nKeep-Alive: timeout=5\r\nProxy-Authenticate: Basic realm=\"up\"\r\nProxy-Authentication-Info: nextnonce=\"x\"\r\nX-Up-End: kept\r\nContent-Length: 2\r\n\r\nok"
+            } else {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            };
+            if s.write_all(resp).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// A loopback server: each connection goes to `serve`, on a task of its own. Its address.
+async fn loopback<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { continue };
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut b = [0u8; 16 * 1024];
-                loop {
-                    // One whole request (head, then as many body bytes as it declares).
-                    let (head_end, len) = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
-                            let len = head
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length:"))
-                                .and_then(|v| v.trim().parse::<usize>().ok())
-                                .unwrap_or(0);
-                            if buf.len() >= i + 4 + len {
-                                break (i + 4, len);
-                            }
-                        }
-                        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await {
-                            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&b[..n]),
-                            _ => return,
-                        }
-                    };
-                    let line = String::from_utf8_lossy(&buf[..head_end])
-                        .lines()
-                        .next()
-                        .unwrap_or("")
-                        .to_string();
-                    let target = line.split(' ').nth(1).unwrap_or("");
-                    let resp: &[u8] = if target.ends_with("?hop") {
-                        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Up-Hop\r\nX-Up-Hop: secret\r\nKeep-Alive: timeout=5\r\nProxy-Authenticate: Basic realm=\"up\"\r\nProxy-Authentication-Info: nextnonce=\"x\"\r\nX-Up-End: kept\r\nContent-Length: 2\r\n\r\nok"
-                    } else {
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-                    };
-                    buf.drain(..head_end + len);
-                    if s.write_all(resp).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            let Ok((s, _)) = l.accept().await else { continue };
+            tokio::spawn(serve(s));
         }
     });
     addr
+}
+
+/// The next HTTP/1.1 message on `s`: its head (lower-cased) and its `Content-Length` body;
+/// bytes read past it stay in `buf` for the next call. `None` at the end of the stream, on an
+/// error, or after 10 s without a byte.
+async fn read_message(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; 16 * 1024];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i + 4]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if buf.len() >= i + 4 + len {
+                let body = buf[i + 4..i + 4 + len].to_vec();
+                buf.drain(..i + 4 + len);
+                return Some((head, body));
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&b[..n]),
+            _ => return None,
+        }
+    }
 }
 
 /// RFC 9110 §7.6.1: a proxy removes the fields an upstream response names in `Connection`
@@ -1488,71 +1500,56 @@ async fn read_only_policy(env: &Env) -> String {
 type Log = Arc<std::sync::Mutex<Vec<String>>>;
 async fn ws_upstream() -> (std::net::SocketAddr, Log, Log) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
     let heads: Log = Default::default();
     let frames: Log = Default::default();
     let (seen, piped) = (heads.clone(), frames.clone());
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else { continue };
-            let (seen, piped) = (seen.clone(), piped.clone());
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut b = [0u8; 4096];
-                loop {
-                    let end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        match s.read(&mut b).await {
-                            Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
-                            _ => return,
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    buf.drain(..end);
-                    seen.lock().unwrap().push(head.clone());
-                    let switch = head.contains("\r\nupgrade: websocket\r\n") || head.contains(" /v1/rogue101 ");
-                    if !switch {
-                        if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        continue;
-                    }
-                    let resp = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
-                    if s.write_all(resp).await.is_err() {
+    let addr = loopback(move |mut s| {
+        let (seen, piped) = (seen.clone(), piped.clone());
+        async move {
+            let mut buf = Vec::new();
+            while let Some((head, _)) = read_message(&mut s, &mut buf).await {
+                seen.lock().unwrap().push(head.clone());
+                let switch = head.contains("\r\nupgrade: websocket\r\n") || head.contains(" /v1/rogue101 ");
+                if !switch {
+                    if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
-                    // From here on, a pipe: echo whatever arrives.
-                    let mut pending = std::mem::take(&mut buf);
-                    loop {
-                        if !pending.is_empty() {
-                            piped
-                                .lock()
-                                .unwrap()
-                                .push(format!("data:{}", String::from_utf8_lossy(&pending)));
-                            let mut out = b"echo:".to_vec();
-                            out.append(&mut pending);
-                            if s.write_all(&out).await.is_err() {
-                                return;
-                            }
+                    continue;
+                }
+                let resp = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+                if s.write_all(resp).await.is_err() {
+                    return;
+                }
+                // From here on, a pipe: echo whatever arrives.
+                let mut pending = std::mem::take(&mut buf);
+                let mut b = [0u8; 4096];
+                loop {
+                    if !pending.is_empty() {
+                        piped
+                            .lock()
+                            .unwrap()
+                            .push(format!("data:{}", String::from_utf8_lossy(&pending)));
+                        let mut out = b"echo:".to_vec();
+                        out.append(&mut pending);
+                        if s.write_all(&out).await.is_err() {
+                            return;
                         }
-                        match s.read(&mut b).await {
-                            Ok(n) if n > 0 => pending.extend_from_slice(&b[..n]),
-                            _ => {
-                                piped.lock().unwrap().push("closed".into());
-                                return;
-                            }
+                    }
+                    match s.read(&mut b).await {
+                        Ok(n) if n > 0 => pending.extend_from_slice(&b[..n]),
+                        _ => {
+                            piped.lock().unwrap().push("closed".into());
+                            return;
                         }
                     }
                 }
-            });
+            }
         }
-    });
+    })
+    .await;
     (addr, heads, frames)
 }
 
@@ -1560,7 +1557,7 @@ async fn ws_upstream() -> (std::net::SocketAddr, Log, Log) {
 /// origin-form to a sidecar when `url` is a path) and reads the response head (status line and
 /// fields, lower-cased) — and for a refusal, the body.
 async fn raw_get(proxy: std::net::SocketAddr, url: &str, headers: &[(&str, &str)]) -> (tokio::net::TcpStream, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
     let proxy_host = proxy.to_string();
     let host = if url.starts_with('/') {
@@ -1574,31 +1571,12 @@ async fn raw_get(proxy: std::net::SocketAddr, url: &str, headers: &[(&str, &str)
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    let mut b = [0u8; 4096];
-    let read = async {
-        loop {
-            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&got[..i + 4]).to_ascii_lowercase();
-                let len = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                if got.len() >= i + 4 + len {
-                    return String::from_utf8_lossy(&got).to_ascii_lowercase();
-                }
-            }
-            match s.read(&mut b).await {
-                Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
-                _ => return String::from_utf8_lossy(&got).to_ascii_lowercase(),
-            }
-        }
-    };
-    let text = tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .expect("a response head");
-    (s, text)
+    let mut buf = Vec::new();
+    let (head, body) = read_message(&mut s, &mut buf).await.expect("a response");
+    (
+        s,
+        format!("{head}{}", String::from_utf8_lossy(&body).to_ascii_lowercase()),
+    )
 }
 
 /// Send `frame` on an upgraded connection and read what comes back: `None` once the
@@ -1895,62 +1873,32 @@ asyncio.run(main())
 /// client can steer, the WebSocket-smuggling setup) — and a 200 `ok` to anything else.
 /// Records each request line (lower-cased), and `closed` when a connection ends.
 async fn fake_switch_upstream() -> (std::net::SocketAddr, Log) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
+    use tokio::io::AsyncWriteExt;
     let lines: Log = Default::default();
     let seen = lines.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else { continue };
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut b = [0u8; 16384];
-                loop {
-                    let end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        match s.read(&mut b).await {
-                            Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
-                            _ => {
-                                seen.lock().unwrap().push("closed".into());
-                                return;
-                            }
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    buf.drain(..end);
-                    let len = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                        .unwrap_or(0);
-                    while buf.len() < len {
-                        match s.read(&mut b).await {
-                            Ok(n) if n > 0 => buf.extend_from_slice(&b[..n]),
-                            _ => {
-                                seen.lock().unwrap().push("closed".into());
-                                return;
-                            }
-                        }
-                    }
-                    buf.drain(..len);
-                    let line = head.lines().next().unwrap_or("").to_string();
-                    seen.lock().unwrap().push(line.clone());
-                    let resp: &[u8] = if line.contains(" /v1/switch") {
-                        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
-                    } else {
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-                    };
-                    if s.write_all(resp).await.is_err() {
-                        return;
-                    }
+    let addr = loopback(move |mut s| {
+        let seen = seen.clone();
+        async move {
+            let mut buf = Vec::new();
+            loop {
+                let Some((head, _)) = read_message(&mut s, &mut buf).await else {
+                    seen.lock().unwrap().push("closed".into());
+                    return;
+                };
+                let line = head.lines().next().unwrap_or("").to_string();
+                seen.lock().unwrap().push(line.clone());
+                let resp: &[u8] = if line.contains(" /v1/switch") {
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                };
+                if s.write_all(resp).await.is_err() {
+                    return;
                 }
-            });
+            }
         }
-    });
+    })
+    .await;
     (addr, lines)
 }
 
@@ -2072,7 +2020,7 @@ async fn a_live_websocket_is_cut_when_the_revocation_feed_goes_stale(b: Backend)
 /// The gateway's own forwarder (an inspected body past the replay buffer) refuses an upstream's
 /// unasked 101 as Pingora's path does: the agent never sees a switch it was not granted.
 async fn an_unasked_101_is_refused_on_the_own_forwarder_path(b: Backend) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     const POST_POLICY: &str =
         "rules:\n  - id: chat\n    methods: [POST]\n    paths: [\"/v1/**\"]\n    models: [\"gpt-4o\"]\n";
     let Some(env) = start(b, |_| {}).await else { return };
@@ -2104,18 +2052,10 @@ async fn an_unasked_101_is_refused_on_the_own_forwarder_path(b: Backend) {
         );
         s.write_all(req.as_bytes()).await.unwrap();
         s.write_all(extra.as_bytes()).await.unwrap();
-        let mut got = Vec::new();
-        let mut b = [0u8; 4096];
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut b).await {
-                    Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
-                    _ => break,
-                }
-            }
-        })
-        .await;
-        let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        let head = read_message(&mut s, &mut Vec::new())
+            .await
+            .map(|(head, _)| head)
+            .unwrap_or_default();
         assert!(
             head.starts_with("http/1.1 502"),
             "{what}: {head:?} (upstream saw {:?})",
