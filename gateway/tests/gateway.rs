@@ -1041,6 +1041,16 @@ async fn raw_upstream() -> std::net::SocketAddr {
     .await
 }
 
+/// Wait (up to 10 s) until an upstream's `log` shows a connection `closed` — everything the
+/// gateway forwarded on it arrived before — or an entry `bad` matches (the caller's assertion
+/// then says what went through).
+async fn closed_or(log: &Log, bad: impl Fn(&str) -> bool) {
+    eventually(Duration::from_secs(10), || async {
+        log.lock().unwrap().iter().any(|l| l == "closed" || bad(l))
+    })
+    .await;
+}
+
 /// A loopback server: each connection goes to `serve`, on a task of its own. Its address.
 async fn loopback<F, Fut>(serve: F) -> std::net::SocketAddr
 where
@@ -1941,16 +1951,7 @@ async fn a_101_that_accepts_no_websocket_opens_no_pipe(b: Backend) {
         b"DELETE /v1/items/1 HTTP/1.1\r\nHost: ws.test\r\nContent-Length: 0\r\n\r\n",
     )
     .await;
-    // Everything the gateway forwarded on that connection arrived before its close (or the
-    // smuggled request shows up, and the assertion below says so).
-    eventually(Duration::from_secs(10), || async {
-        lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l == "closed" || l.starts_with("delete"))
-    })
-    .await;
+    closed_or(&lines, |l| l.starts_with("delete")).await;
     let seen = lines.lock().unwrap().clone();
     assert!(
         !seen.iter().any(|l| l.starts_with("delete")),
@@ -1999,16 +2000,7 @@ async fn a_live_websocket_is_cut_when_the_revocation_feed_goes_stale(b: Backend)
         "the feed went stale"
     );
     let after = exchange(&mut s, b"stale").await;
-    // Everything the gateway forwarded on that session arrived before its close (or the
-    // frame shows up, and the assertion below says so).
-    eventually(Duration::from_secs(10), || async {
-        frames
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|f| f == "closed" || f.contains("stale"))
-    })
-    .await;
+    closed_or(&frames, |f| f.contains("stale")).await;
     let log = frames.lock().unwrap().clone();
     assert!(
         after.is_none() && !log.iter().any(|f| f.contains("stale")),
