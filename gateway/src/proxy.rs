@@ -279,10 +279,13 @@ fn websocket_upgrade(req: &RequestHeader) -> bool {
     if req.version != http::Version::HTTP_11 || req.method != http::Method::GET {
         return false;
     }
-    let mut up = req.headers.get_all(header::UPGRADE).iter();
-    up.next()
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
-        && up.next().is_none()
+    only_value(&req.headers, header::UPGRADE, |v| v.eq_ignore_ascii_case(b"websocket"))
+}
+
+/// Whether `headers` carry `name` exactly once, with a value `ok` accepts.
+fn only_value(headers: &http::HeaderMap, name: HeaderName, ok: impl FnOnce(&[u8]) -> bool) -> bool {
+    let mut all = headers.get_all(name).iter();
+    all.next().is_some_and(|v| ok(v.as_bytes())) && all.next().is_none()
 }
 
 /// Whether a `101` accepts the WebSocket `req` asked for (RFC 6455 §4.2.2): `Upgrade:
@@ -297,20 +300,14 @@ fn accepts_websocket(req: &RequestHeader, resp: &ResponseHeader) -> bool {
     let (Some(key), None) = (keys.next(), keys.next()) else {
         return false;
     };
-    let mut up = resp.headers.get_all(header::UPGRADE).iter();
-    if !(up
-        .next()
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
-        && up.next().is_none())
-    {
+    if !only_value(&resp.headers, header::UPGRADE, |v| v.eq_ignore_ascii_case(b"websocket")) {
         return false;
     }
     let mut sha1 = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
     sha1.update(key.as_bytes());
     sha1.update(GUID);
     let want = base64::engine::general_purpose::STANDARD.encode(sha1.finish());
-    let mut accept = resp.headers.get_all(header::SEC_WEBSOCKET_ACCEPT).iter();
-    accept.next().is_some_and(|v| v.as_bytes() == want.as_bytes()) && accept.next().is_none()
+    only_value(&resp.headers, header::SEC_WEBSOCKET_ACCEPT, |v| v == want.as_bytes())
 }
 
 /// The request's declared `Content-Length`, when it is a number.
