@@ -55,7 +55,8 @@ pub struct Decision {
 }
 
 /// What a decision had established when it ended (allow: everything; deny: what was known
-/// before the refusal), for its audit event (written into the request thread's audit lane).
+/// before the refusal), for its audit event. Owned: the audit publisher serialises the event,
+/// off the request's thread.
 #[derive(Default)]
 pub struct Established {
     pub mandate: Option<Who>,
@@ -69,8 +70,9 @@ pub struct Established {
     pub reserved: Option<Vec<crate::budget::HoldView>>,
 }
 
-/// Whom a decision's mandate speaks for, copied out of it for the audit record (four ids: the
-/// record need not hold the cached mandate).
+/// Whom a decision's mandate speaks for, copied out of it for the audit record: the record is
+/// written and dropped on the publisher's thread, and sharing the cached mandate with it would
+/// move that mandate's reference count between cores on every request.
 #[derive(Debug, Clone, Copy)]
 pub struct Who {
     pub tenant: caracal_shared::ids::TenantId,
@@ -115,8 +117,8 @@ struct DecisionEvent {
 }
 
 impl caracal_shared::audit::Record for DecisionEvent {
-    /// The event's JSON, written directly (one per request, on its thread: ~3,900 instructions
-    /// against serde's ~6,200). Tested byte-identical to the serde form.
+    /// The event's JSON, written directly (the publisher writes one per request: ~3,900
+    /// instructions against serde's ~6,200). Tested byte-identical to the serde form.
     fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
         let claims = self.est.mandate.as_ref();
         // Ids are encoded into this buffer, one at a time (not through `Display`).
@@ -639,7 +641,7 @@ impl Gateway {
         Ok(d.rule.unwrap_or_default())
     }
 
-    /// Step 8: one audit event per decision (into this thread's audit lane). Failure
+    /// Step 8: one audit event per decision (serialised by the audit publisher). Failure
     /// means the caller must refuse.
     pub fn audit_decision(&self, allow: bool, reason: &'static str, est: Established, info: AuditInfo) -> Result<()> {
         let tenant = est.mandate.map(|w| w.tenant);

@@ -961,6 +961,7 @@ impl Proxy {
                 cut_short: cut_short.is_some(),
                 settled,
             };
+            // Serialised by the audit publisher, not on this (the request's) thread.
             if let Err(e) = self.gw.audit.emit_record("metering", Some(c.tenant), ev) {
                 tracing::warn!(error = %e, request_id = %ctx.rid, "a budget settlement could not be recorded");
             }
@@ -968,8 +969,8 @@ impl Proxy {
     }
 }
 
-/// The metering event of one settled request (written as serde would — tested — without
-/// serde's per-key cost).
+/// The metering event of one settled request (owned: the audit publisher writes it, as serde
+/// would — tested — without serde's per-key cost).
 #[cfg_attr(test, derive(serde::Serialize))]
 struct SettlementRecord {
     #[cfg_attr(test, serde(rename = "type"))]
@@ -1058,7 +1059,8 @@ impl Cut {
     }
 }
 
-/// How a WebSocket session, or an exchange the gateway cut in flight, ended. Outcomes: `closed`, `error`, or the cut's reason (`revoked`,
+/// How a WebSocket session, or an exchange the gateway cut in flight, ended (owned: the audit
+/// publisher writes it). Outcomes: `closed`, `error`, or the cut's reason (`revoked`,
 /// `expired`, `revocation_feed_stale`).
 struct ExchangeEnd {
     request_id: RequestId,

@@ -1,34 +1,26 @@
 //! Emitting evidence: every decision, mint and refusal becomes an event on the audit stream.
 //!
-//! [`AuditEmitter::emit`] never waits: it writes the event's JSON into the calling thread's
-//! own bounded buffer (its *lane*: one per thread and emitter) and returns. A background task
-//! takes every lane's content at once, 2 ms after the first event arrives in an empty lane, and
-//! publishes it in batches (up to 1024 events each) as **one** signed bus message per batch
-//! (kind [`BATCH_KIND`], one MAC and one stream entry for the lot), retrying with backoff until
-//! the bus accepts it. Every event in a batch keeps its own id, kind, tenant and time; consumers
-//! see them individually through [`expand`], and the ledger records each as its own leaf. When
-//! a lane is full — the bus has been unreachable long enough — `emit` fails, and callers **fail
-//! closed** (the gateway refuses the request, the STS refuses to mint): nothing is decided that
-//! cannot be recorded. On shutdown every lane is flushed, and emitting fails from then on.
+//! [`AuditEmitter::emit`] never waits: it puts the event in a bounded in-memory queue and
+//! returns. A background task drains the queue in batches (up to 1024 events or whatever has
+//! accumulated) and publishes each batch as **one** signed bus message (kind [`BATCH_KIND`],
+//! one MAC and one stream entry for the lot), retrying with backoff until the bus accepts it.
+//! Every event in a batch keeps its own id, kind, tenant and time; consumers see them
+//! individually through [`expand`], and the ledger records each as its own leaf. When the queue is full — the bus has been unreachable long enough — `emit`
+//! fails, and callers **fail closed** (the gateway refuses the request, the STS refuses to
+//! mint): nothing is decided that cannot be recorded. On shutdown the queue is flushed.
 //!
-//! Why lanes and not a queue of events: handing each event to the publisher's thread (a
-//! channel send, and the event's memory freed on the other core) cost the gateway's request
-//! thread ~2–3 µs per event on a 2-core VM, more than writing the event's JSON itself; a lane
-//! moves between the threads once per batch (see `bench/RESULTS.md`, fourteenth session).
-//!
-//! The window of loss is the lanes' content when a process is killed (`kill -9`) before the
+//! The window of loss is the queue's content when a process is killed (`kill -9`) before the
 //! next flush (the 2 ms a batch gathers plus one publish); graceful stops lose nothing.
 
-use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::mpsc;
 
 use crate::bus::{Bus, BusAuth, Envelope, Event, streams};
 use crate::error::{Error, ErrorCode, Result};
@@ -43,94 +35,25 @@ const LINGER: Duration = Duration::from_millis(2);
 /// Kind of a bus message that carries several audit events.
 pub const BATCH_KIND: &str = "audit.batch";
 
-/// Events in one published batch, at most.
-const MAX_BATCH: usize = 1024;
-
-/// One event in a lane: its body is the JSON in the lane's buffer from the end of the previous
-/// event's (or 0) to `end` (the batch is checked for UTF-8 once, by the publisher).
-struct Staged {
+/// One queued event: its body as JSON text, or a record the publisher serialises (the batch
+/// is checked for UTF-8 once, by the publisher, off the caller's path).
+struct Pending {
     kind: &'static str,
     tenant: Option<TenantId>,
     ts: Micros,
-    end: usize,
+    body: Body,
 }
 
-/// What a lane holds: its events, and their bodies back to back in one buffer.
-#[derive(Default)]
-struct Stage {
-    events: Vec<Staged>,
-    bytes: Vec<u8>,
+/// What a queued event carries: JSON text, or a record the publisher serialises (so the
+/// emitting thread — the gateway's request path — does not).
+enum Body {
+    Json(Vec<u8>),
+    Deferred(Box<dyn Record>),
 }
 
-impl Stage {
-    fn items(&self) -> impl Iterator<Item = (&Staged, &[u8])> {
-        let mut start = 0;
-        self.events.iter().map(move |e| {
-            let body = &self.bytes[start..e.end];
-            start = e.end;
-            (e, body)
-        })
-    }
-}
-
-/// One emitting thread's buffer for one emitter. Its lock is taken by that thread for each
-/// event and by the publisher once per batch, so it is almost never contended.
-type Lane = Mutex<Stage>;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while writing an event leaves at worst a partial body past the last event's end,
-    // which the next event's start overwrites: the content stays usable.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// What an emitter and its publisher share.
-struct Lanes {
-    /// Tells this emitter's lanes apart from other emitters' in a thread's list.
-    id: u64,
-    all: Mutex<Vec<Arc<Lane>>>,
-    /// An event arrived in an empty lane, or the emitter is gone.
-    arrived: Notify,
-    /// Events one lane may hold before emitting fails.
-    cap: usize,
-    /// Set once the publisher has taken its last look (shutdown): emitting fails from then on.
-    closed: AtomicBool,
-    /// Every clone of the emitter has been dropped.
-    orphaned: AtomicBool,
-}
-
-static NEXT_EMITTER: AtomicU64 = AtomicU64::new(1);
-
-thread_local! {
-    /// This thread's lane for each emitter it has used (usually one).
-    static MY_LANES: RefCell<Vec<(u64, Arc<Lane>)>> = const { RefCell::new(Vec::new()) };
-}
-
-impl Lanes {
-    /// Take every lane's events (each lane left with an emptied stage from `spare`), and drop
-    /// the lanes of threads that have ended once they are empty. Returns the events taken.
-    fn take(&self, taken: &mut Vec<Stage>, spare: &mut Vec<Stage>) -> usize {
-        let mut n = 0;
-        lock(&self.all).retain(|lane| {
-            let mut s = lock(lane);
-            if s.events.is_empty() {
-                // Only this list holds a lane whose thread has ended: nothing can add to it.
-                return Arc::strong_count(lane) > 1;
-            }
-            n += s.events.len();
-            taken.push(std::mem::replace(&mut *s, spare.pop().unwrap_or_default()));
-            true
-        });
-        n
-    }
-
-    fn depth(&self) -> usize {
-        lock(&self.all).iter().map(|l| lock(l).events.len()).sum()
-    }
-}
-
-/// A record that writes its own JSON ([`AuditEmitter::emit_record`]), into the emitting
-/// thread's lane.
-pub trait Record {
+/// A record the audit publisher serialises, off the emitting thread
+/// ([`AuditEmitter::emit_record`]).
+pub trait Record: Send + 'static {
     /// Append the record as exactly one JSON value to `out`.
     fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()>;
 }
@@ -350,11 +273,20 @@ pub fn expand(ev: Event) -> Vec<Event> {
     }
 }
 
-fn batch_envelope(items: &[(&Staged, &[u8])]) -> Envelope {
-    let mut body: Vec<u8> = Vec::with_capacity(items.iter().map(|(_, b)| b.len() + 128).sum::<usize>() + 16);
+fn batch_envelope(items: &[Pending]) -> Envelope {
+    let mut body: Vec<u8> = Vec::with_capacity(
+        items
+            .iter()
+            .map(|p| match &p.body {
+                Body::Json(b) => b.len() + 128,
+                Body::Deferred(_) => 512,
+            })
+            .sum::<usize>()
+            + 16,
+    );
     let mut id = [0u8; crate::ids::ID_TEXT_MAX];
     body.extend_from_slice(b"{\"events\":[");
-    for (i, (p, event)) in items.iter().enumerate() {
+    for (i, p) in items.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
@@ -374,7 +306,19 @@ fn batch_envelope(items: &[(&Staged, &[u8])]) -> Envelope {
         // (serde_json writes integers without `fmt`'s machinery.)
         let _ = serde_json::to_writer(&mut body, &p.ts);
         body.extend_from_slice(b",\"body\":");
-        body.extend_from_slice(event);
+        match &p.body {
+            Body::Json(b) => body.extend_from_slice(b),
+            Body::Deferred(r) => {
+                let at = body.len();
+                if let Err(e) = r.write_json(&mut body) {
+                    // Plain data structs do not fail to serialise; were one to, the event still
+                    // stands (id, kind, time) and says why its content is missing.
+                    body.truncate(at);
+                    tracing::error!(event = %event_id, kind = p.kind, error = %e, "an audit record could not be serialised");
+                    body.extend_from_slice(br#"{"error":"the record could not be serialised"}"#);
+                }
+            }
+        }
         body.push(b'}');
     }
     body.extend_from_slice(b"]}");
@@ -384,13 +328,13 @@ fn batch_envelope(items: &[(&Staged, &[u8])]) -> Envelope {
     Envelope::with_body(streams::AUDIT, BATCH_KIND, None, body)
 }
 
-/// `audit_buffer_depth`, read when scraped: the events in the lanes plus those of the batches
+/// `audit_buffer_depth`, read when scraped: the events in the queue plus those of the batch
 /// being published. Nothing on the emitting path updates it (a gauge both the emitting threads
 /// and the publisher wrote moved one cache line between cores on every event).
 struct Depth {
     gauge: IntGauge,
-    /// Weak: the registry must not keep the lanes alive.
-    lanes: Weak<Lanes>,
+    /// Weak: the registry must not keep the queue open.
+    tx: mpsc::WeakSender<Pending>,
     in_flight: Arc<AtomicUsize>,
 }
 
@@ -400,35 +344,23 @@ impl Collector for Depth {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let staged = self.lanes.upgrade().map_or(0, |l| l.depth());
-        self.gauge.set((staged + self.in_flight.load(Ordering::Relaxed)) as i64);
+        let queued = self.tx.upgrade().map_or(0, |tx| tx.max_capacity() - tx.capacity());
+        self.gauge.set((queued + self.in_flight.load(Ordering::Relaxed)) as i64);
         self.gauge.collect()
     }
 }
 
 #[derive(Clone)]
 pub struct AuditEmitter {
-    inner: Arc<Emitter>,
-}
-
-struct Emitter {
-    lanes: Arc<Lanes>,
+    tx: mpsc::Sender<Pending>,
     /// `audit_events_total{outcome="queued"}` and `{outcome="refused"}`, resolved once (a
     /// label lookup hashes and locks; this is on every request's path).
     queued: IntCounter,
     refused: IntCounter,
 }
 
-impl Drop for Emitter {
-    /// The last clone is gone: the publisher flushes what is left and ends.
-    fn drop(&mut self) {
-        self.lanes.orphaned.store(true, Ordering::Release);
-        self.lanes.arrived.notify_one();
-    }
-}
-
 impl AuditEmitter {
-    /// Start the publisher task. `capacity` bounds each lane (each thread's unpublished events).
+    /// Start the publisher task. `capacity` bounds the queue.
     pub fn start(
         bus: Arc<dyn Bus>,
         auth: BusAuth,
@@ -436,25 +368,13 @@ impl AuditEmitter {
         registry: &Registry,
         shutdown: Shutdown,
     ) -> (AuditEmitter, tokio::task::JoinHandle<()>) {
-        let capacity = capacity.max(16);
-        let lanes = Arc::new(Lanes {
-            id: NEXT_EMITTER.fetch_add(1, Ordering::Relaxed),
-            all: Mutex::new(Vec::new()),
-            arrived: Notify::new(),
-            cap: capacity,
-            closed: AtomicBool::new(false),
-            orphaned: AtomicBool::new(false),
-        });
+        let (tx, rx) = mpsc::channel(capacity.max(16));
         let depth = IntGauge::with_opts(
             Opts::new("audit_buffer_depth", "Audit events waiting to be published").namespace(NAMESPACE),
         )
         .expect("valid metric");
         let cap = IntGauge::with_opts(
-            Opts::new(
-                "audit_buffer_capacity",
-                "Capacity of the audit buffer (of each emitting thread's)",
-            )
-            .namespace(NAMESPACE),
+            Opts::new("audit_buffer_capacity", "Capacity of the audit buffer").namespace(NAMESPACE),
         )
         .expect("valid metric");
         cap.set(capacity as i64);
@@ -470,165 +390,120 @@ impl AuditEmitter {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let _ = registry.register(Box::new(Depth {
             gauge: depth,
-            lanes: Arc::downgrade(&lanes),
+            tx: tx.downgrade(),
             in_flight: in_flight.clone(),
         }));
         let _ = registry.register(Box::new(cap));
         let _ = registry.register(Box::new(events.clone()));
         let me = AuditEmitter {
-            inner: Arc::new(Emitter {
-                lanes: lanes.clone(),
-                queued: events.with_label_values(&["queued"]),
-                refused: events.with_label_values(&["refused"]),
-            }),
+            tx,
+            queued: events.with_label_values(&["queued"]),
+            refused: events.with_label_values(&["refused"]),
         };
         let published = events.with_label_values(&["published"]);
-        let task = tokio::spawn(publish_loop(bus, auth, lanes, in_flight, published, shutdown));
+        let task = tokio::spawn(publish_loop(bus, auth, rx, in_flight, published, shutdown));
         (me, task)
     }
 
-    /// Queue one event. Fails (callers must refuse the action) when the lane is full.
+    /// Queue one event. Fails (callers must refuse the action) when the queue is full.
     pub fn emit(&self, kind: &'static str, tenant: Option<TenantId>, body: &Value) -> Result<()> {
-        self.stage(kind, tenant, |out| serde_json::to_writer(out, body))
+        self.emit_json(kind, tenant, body.to_string())
     }
 
-    /// Queue one event whose record writes its own JSON (the gateway's per-request decision
-    /// and settlement records: no `Value` is built).
+    /// Queue one event whose record writes its own JSON on the publisher's thread, not the
+    /// caller's (records that own their data: the gateway's per-request decision and
+    /// settlement events).
     pub fn emit_record<R: Record>(&self, kind: &'static str, tenant: Option<TenantId>, record: R) -> Result<()> {
-        self.stage(kind, tenant, |out| record.write_json(out))
+        self.queue(kind, tenant, Body::Deferred(Box::new(record)))
     }
 
     /// Queue one event whose body is already JSON text (the caller serialised it, e.g. from a
     /// struct, without building a `Value`). The text must be one JSON value.
     pub fn emit_json(&self, kind: &'static str, tenant: Option<TenantId>, body: String) -> Result<()> {
-        self.stage(kind, tenant, |out| {
-            out.extend_from_slice(body.as_bytes());
-            Ok(())
-        })
+        self.queue(kind, tenant, Body::Json(body.into_bytes()))
     }
 
-    /// Write one event into this thread's lane (made on first use).
-    fn stage(
-        &self,
-        kind: &'static str,
-        tenant: Option<TenantId>,
-        write: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>,
-    ) -> Result<()> {
-        let ts = now_micros();
-        let lanes = &*self.inner.lanes;
-        let staged = MY_LANES.with(|mine| {
-            let mut mine = mine.borrow_mut();
-            let at = match mine.iter().position(|(id, _)| *id == lanes.id) {
-                Some(at) => at,
-                None => {
-                    // Lanes of emitters whose publisher has ended are held here alone.
-                    mine.retain(|(_, l)| Arc::strong_count(l) > 1);
-                    let lane = Arc::new(Lane::default());
-                    lock(&lanes.all).push(lane.clone());
-                    mine.push((lanes.id, lane));
-                    mine.len() - 1
-                }
-            };
-            let mut s = lock(&mine[at].1);
-            // Read under the lane's lock, which the publisher's last look also takes: an event
-            // is either in that look or refused, never left behind.
-            if lanes.closed.load(Ordering::Acquire) || s.events.len() >= lanes.cap {
-                return false;
+    fn queue(&self, kind: &'static str, tenant: Option<TenantId>, body: Body) -> Result<()> {
+        let p = Pending {
+            kind,
+            tenant,
+            ts: now_micros(),
+            body,
+        };
+        match self.tx.try_send(p) {
+            Ok(()) => {
+                self.queued.inc();
+                Ok(())
             }
-            let first = s.events.is_empty();
-            let start = s.bytes.len();
-            if let Err(e) = write(&mut s.bytes) {
-                // Plain data structs do not fail to serialise; were one to, the event still
-                // stands (id, kind, time) and says why its content is missing.
-                s.bytes.truncate(start);
-                tracing::error!(kind, error = %e, "an audit record could not be serialised");
-                s.bytes
-                    .extend_from_slice(br#"{"error":"the record could not be serialised"}"#);
+            Err(_) => {
+                self.refused.inc();
+                Err(Error::new(
+                    ErrorCode::AuditUnavailable,
+                    "the audit pipeline cannot accept events; refusing to act unrecorded",
+                ))
             }
-            let end = s.bytes.len();
-            s.events.push(Staged { kind, tenant, ts, end });
-            drop(s);
-            if first {
-                lanes.arrived.notify_one();
-            }
-            true
-        });
-        if staged {
-            self.inner.queued.inc();
-            Ok(())
-        } else {
-            self.inner.refused.inc();
-            Err(Error::new(
-                ErrorCode::AuditUnavailable,
-                "the audit pipeline cannot accept events; refusing to act unrecorded",
-            ))
         }
     }
 
-    /// Whether every lane has room (for readiness and fail-closed checks before acting).
+    /// Whether the queue has room (for readiness and fail-closed checks before acting).
     pub fn has_room(&self) -> bool {
-        let lanes = &self.inner.lanes;
-        !lanes.closed.load(Ordering::Acquire) && lock(&lanes.all).iter().all(|l| lock(l).events.len() < lanes.cap)
+        self.tx.capacity() > 0
     }
 }
 
 async fn publish_loop(
     bus: Arc<dyn Bus>,
     auth: BusAuth,
-    lanes: Arc<Lanes>,
+    mut rx: mpsc::Receiver<Pending>,
     in_flight: Arc<AtomicUsize>,
     published: IntCounter,
     shutdown: Shutdown,
 ) {
-    let mut taken: Vec<Stage> = Vec::new();
-    let mut spare: Vec<Stage> = Vec::new();
+    let mut batch: Vec<Pending> = Vec::with_capacity(1024);
     loop {
-        let last = tokio::select! {
-            _ = lanes.arrived.notified() => lanes.orphaned.load(Ordering::Acquire),
-            _ = shutdown.wait() => true,
+        let first = tokio::select! {
+            e = rx.recv() => e,
+            _ = shutdown.wait() => {
+                rx.close();
+                rx.recv().await
+            }
         };
-        if last {
-            // The last look: whatever a lane holds after it would never be published, so no
-            // lane takes an event from now on (each reads this under its lock).
-            lanes.closed.store(true, Ordering::Release);
-        } else {
-            // Let a batch gather for a moment (never delays the emitters, which do not wait):
-            // under load this turns thousands of tiny publishes a second into a few hundred.
+        let Some(first) = first else { break };
+        batch.push(first);
+        // Let a batch gather for a moment (never delays the emitter, which does not wait):
+        // under load this turns thousands of tiny publishes a second into a few hundred.
+        if !shutdown.is_triggered() {
             tokio::time::sleep(LINGER).await;
         }
-        let n = lanes.take(&mut taken, &mut spare);
+        // Whatever arrived meanwhile, in one take: the queue's slots go back once per batch
+        // (`try_recv` gave each one back on its own, locking the queue's semaphore, whose
+        // cache line the emitting threads then missed). Never waits: only this task receives,
+        // so a queue that is not empty stays so until it is read.
+        if !rx.is_empty() {
+            let room = 1024 - batch.len();
+            rx.recv_many(&mut batch, room).await;
+        }
+        let n = batch.len();
         in_flight.store(n, Ordering::Relaxed);
-        let items: Vec<(&Staged, &[u8])> = taken.iter().flat_map(Stage::items).collect();
-        for batch in items.chunks(MAX_BATCH) {
-            let payload = auth.sign(batch_envelope(batch)).to_bytes();
-            let mut backoff = Duration::from_millis(20);
-            loop {
-                match bus.publish(streams::AUDIT, payload.clone()).await {
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, events = batch.len(), "audit publish failed; retrying");
-                        if shutdown.is_triggered() && backoff > Duration::from_secs(2) {
-                            tracing::error!(events = batch.len(), "giving up on audit events at shutdown");
-                            break;
-                        }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
+        let payload = auth.sign(batch_envelope(&batch)).to_bytes();
+        batch.clear();
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match bus.publish(streams::AUDIT, payload.clone()).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, events = n, "audit publish failed; retrying");
+                    if shutdown.is_triggered() && backoff > Duration::from_secs(2) {
+                        tracing::error!(events = n, "giving up on audit events at shutdown");
+                        break;
                     }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
-            in_flight.fetch_sub(batch.len(), Ordering::Relaxed);
-            published.inc_by(batch.len() as u64);
         }
-        drop(items);
-        // The emptied stages go back to the lanes at the next take (their buffers kept).
-        for mut s in taken.drain(..) {
-            s.events.clear();
-            s.bytes.clear();
-            spare.push(s);
-        }
-        if last {
-            break;
-        }
+        in_flight.store(0, Ordering::Relaxed);
+        published.inc_by(n as u64);
     }
 }
 
@@ -710,20 +585,26 @@ mod tests {
     #[test]
     fn a_batch_expands_into_its_events() {
         let t = TenantId::new();
-        let mut stage = Stage::default();
-        let mut add = |kind, tenant, ts, write: &dyn Fn(&mut Vec<u8>)| {
-            write(&mut stage.bytes);
-            stage.events.push(Staged {
-                kind,
-                tenant,
-                ts,
-                end: stage.bytes.len(),
-            });
-        };
-        add("decision", Some(t), 5, &|o| o.extend_from_slice(br#"{"a":1}"#));
-        add("mint \"x\"", None, 6, &|o| o.extend_from_slice(b"[1,2]"));
-        add("metering", Some(t), 7, &|o| Settled.write_json(o).unwrap());
-        let items: Vec<_> = stage.items().collect();
+        let items = vec![
+            Pending {
+                kind: "decision",
+                tenant: Some(t),
+                ts: 5,
+                body: Body::Json(br#"{"a":1}"#.to_vec()),
+            },
+            Pending {
+                kind: "mint \"x\"",
+                tenant: None,
+                ts: 6,
+                body: Body::Json(b"[1,2]".to_vec()),
+            },
+            Pending {
+                kind: "metering",
+                tenant: Some(t),
+                ts: 7,
+                body: Body::Deferred(Box::new(Settled)),
+            },
+        ];
         let env = batch_envelope(&items);
         let ev = Event {
             entry_id: "1-0".into(),
@@ -752,7 +633,7 @@ mod tests {
         assert!(out.iter().all(|e| e.entry_id == "1-0"));
     }
 
-    /// Every audit event on the bus so far, as `(kind, body)`.
+    /// Every audit event on the bus so far.
     async fn on_the_bus(env: &crate::testing::BusEnv) -> Vec<Event> {
         let auth = env.auth();
         env.bus
@@ -772,8 +653,8 @@ mod tests {
         let env = BusEnv::new(BusBackend::Embedded).await.expect("an embedded bus");
         let registry = Registry::new();
         let sd = shutdown();
-        let (em, task) = AuditEmitter::start(env.bus.clone(), env.auth(), 4096, &registry, sd.clone());
-        // Four threads, 1,500 events each: more than one batch's worth in every lane.
+        let (em, task) = AuditEmitter::start(env.bus.clone(), env.auth(), 8192, &registry, sd.clone());
+        // Four threads, 1,500 events each: several batches' worth.
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let em = em.clone();
@@ -814,7 +695,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_lane_refuses_events_until_the_bus_takes_them_and_a_stop_flushes_then_refuses() {
+    async fn a_full_queue_refuses_events_until_the_bus_takes_them_and_a_stop_flushes_then_refuses() {
         use crate::config::BusBackend;
         use crate::testing::{BusEnv, FaultyBus, eventually, shutdown};
         let env = BusEnv::new(BusBackend::Embedded).await.expect("an embedded bus");
@@ -823,11 +704,21 @@ mod tests {
         let registry = Registry::new();
         let sd = shutdown();
         let (em, task) = AuditEmitter::start(faulty.clone(), env.auth(), 16, &registry, sd.clone());
-        // The bus refuses: the publisher holds what it took, and this thread's lane fills up.
+        // The bus refuses: the publisher holds the batch it took, and the queue fills up.
         em.emit("test", None, &serde_json::json!({ "i": 0 })).unwrap();
+        // The depth counts it once the publisher has taken it into a batch (before, it is 0: the
+        // event left the queue but the batch is still gathering).
+        let depth = || {
+            registry
+                .gather()
+                .iter()
+                .find(|f| f.name() == "caracal_audit_buffer_depth")
+                .map(|f| f.get_metric()[0].get_gauge().get_value())
+                .unwrap()
+        };
         assert!(
             eventually(Duration::from_secs(5), || async {
-                faulty.published() > 0 || lanes_empty(&em)
+                depth() == 1.0 && em.tx.capacity() == 16
             })
             .await
         );
@@ -837,10 +728,10 @@ mod tests {
                 Ok(()) => accepted += 1,
                 Err(e) => break e,
             }
-            assert!(accepted <= 16 + 1, "a lane holds at most its capacity");
+            assert!(accepted <= 16 + 1, "the queue holds at most its capacity");
         };
         assert_eq!(refusal.code, ErrorCode::AuditUnavailable);
-        assert_eq!(accepted, 17, "the one being retried and a full lane");
+        assert_eq!(accepted, 17, "the one being retried and a full queue");
         assert!(!em.has_room());
         // The bus is back: everything accepted is published, and events are taken again.
         faulty.fail_after(-1);
@@ -859,13 +750,7 @@ mod tests {
         assert_eq!(bodies, (0..19).collect::<Vec<_>>());
         let late = em.emit("test", None, &serde_json::json!({ "i": 19 })).unwrap_err();
         assert_eq!(late.code, ErrorCode::AuditUnavailable);
-        assert!(!em.has_room());
         env.cleanup().await;
-    }
-
-    /// Whether the publisher has taken everything from the lanes.
-    fn lanes_empty(em: &AuditEmitter) -> bool {
-        em.inner.lanes.depth() == 0
     }
 
     #[tokio::test]
