@@ -633,6 +633,37 @@ mod tests {
         assert!(out.iter().all(|e| e.entry_id == "1-0"));
     }
 
+    /// An emitter with room for 16 events, publishing to an embedded bus that refuses every
+    /// publish until told otherwise.
+    async fn on_a_failing_bus() -> (
+        crate::testing::BusEnv,
+        Arc<crate::testing::FaultyBus>,
+        Registry,
+        Shutdown,
+        AuditEmitter,
+        tokio::task::JoinHandle<()>,
+    ) {
+        use crate::config::BusBackend;
+        use crate::testing::{BusEnv, FaultyBus, shutdown};
+        let env = BusEnv::new(BusBackend::Embedded).await.expect("an embedded bus");
+        let faulty = Arc::new(FaultyBus::new(env.bus.clone()));
+        faulty.fail_after(0);
+        let registry = Registry::new();
+        let sd = shutdown();
+        let (em, task) = AuditEmitter::start(faulty.clone(), env.auth(), 16, &registry, sd.clone());
+        (env, faulty, registry, sd, em, task)
+    }
+
+    /// The value of the gauge `caracal_<name>` in `registry`.
+    fn gauge(registry: &Registry, name: &str) -> f64 {
+        registry
+            .gather()
+            .iter()
+            .find(|f| f.name() == format!("caracal_{name}"))
+            .map(|f| f.get_metric()[0].get_gauge().get_value())
+            .expect("gauge registered")
+    }
+
     /// Every audit event on the bus so far.
     async fn on_the_bus(env: &crate::testing::BusEnv) -> Vec<Event> {
         let auth = env.auth();
@@ -696,26 +727,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_refuses_events_until_the_bus_takes_them_and_a_stop_flushes_then_refuses() {
-        use crate::config::BusBackend;
-        use crate::testing::{BusEnv, FaultyBus, eventually, shutdown};
-        let env = BusEnv::new(BusBackend::Embedded).await.expect("an embedded bus");
-        let faulty = Arc::new(FaultyBus::new(env.bus.clone()));
-        faulty.fail_after(0);
-        let registry = Registry::new();
-        let sd = shutdown();
-        let (em, task) = AuditEmitter::start(faulty.clone(), env.auth(), 16, &registry, sd.clone());
+        use crate::testing::eventually;
+        let (env, faulty, registry, sd, em, task) = on_a_failing_bus().await;
         // The bus refuses: the publisher holds the batch it took, and the queue fills up.
         em.emit("test", None, &serde_json::json!({ "i": 0 })).unwrap();
         // The depth counts it once the publisher has taken it into a batch (before, it is 0: the
         // event left the queue but the batch is still gathering).
-        let depth = || {
-            registry
-                .gather()
-                .iter()
-                .find(|f| f.name() == "caracal_audit_buffer_depth")
-                .map(|f| f.get_metric()[0].get_gauge().get_value())
-                .unwrap()
-        };
+        let depth = || gauge(&registry, "audit_buffer_depth");
         assert!(
             eventually(Duration::from_secs(5), || async {
                 depth() == 1.0 && em.tx.capacity() == 16
@@ -775,22 +793,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_depth_gauge_counts_queued_and_in_flight_events_when_scraped() {
-        use crate::config::BusBackend;
-        use crate::testing::{BusEnv, FaultyBus, eventually, shutdown};
-        let env = BusEnv::new(BusBackend::Embedded).await.expect("an embedded bus");
-        let faulty = Arc::new(FaultyBus::new(env.bus.clone()));
-        faulty.fail_after(0);
-        let registry = Registry::new();
-        let sd = shutdown();
-        let (em, task) = AuditEmitter::start(faulty.clone(), env.auth(), 16, &registry, sd.clone());
-        let gauge = |name: &str| {
-            registry
-                .gather()
-                .iter()
-                .find(|f| f.name() == format!("caracal_{name}"))
-                .map(|f| f.get_metric()[0].get_gauge().get_value())
-                .expect("gauge registered")
-        };
+        use crate::testing::eventually;
+        let (env, faulty, registry, sd, em, task) = on_a_failing_bus().await;
+        let gauge = |name: &str| gauge(&registry, name);
         assert_eq!(gauge("audit_buffer_depth"), 0.0);
         for i in 0..5 {
             em.emit("test", None, &serde_json::json!({ "i": i })).unwrap();
