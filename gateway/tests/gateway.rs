@@ -316,9 +316,7 @@ async fn every_denial_has_its_status_code_and_audit_event(b: Backend) {
     // Rate limits answer 429 with Retry-After.
     let mut limited = None;
     for _ in 0..60 {
-        let r = env
-            .via_proxy("GET", &format!("{u}/v1/models"), &[("proxy-authorization", &a)], b"")
-            .await;
+        let r = env.with_credential("GET", &format!("{u}/v1/models"), &a).await;
         if r.status == 429 {
             limited = Some(r);
             break;
@@ -682,10 +680,7 @@ async fn paths_are_normalised_and_forwarded_as_authorized(b: Backend) {
         let a = a.clone();
         let u = u.clone();
         let env = &env;
-        async move {
-            env.via_proxy("GET", &format!("{u}{p}"), &[("proxy-authorization", &a)], b"")
-                .await
-        }
+        async move { env.with_credential("GET", &format!("{u}{p}"), &a).await }
     };
     // Refused outright.
     for p in [
@@ -1216,12 +1211,7 @@ async fn no_client_query_parameter_shadows_an_injected_query_credential(b: Backe
         ("keys=2&ke%79s=3", vec![("keys", "2"), ("keys", "3")]),
     ] {
         let r = env
-            .via_proxy(
-                "GET",
-                &format!("http://q.test:{port}/v1/models?{q}"),
-                &[("proxy-authorization", &a)],
-                b"",
-            )
+            .with_credential("GET", &format!("http://q.test:{port}/v1/models?{q}"), &a)
             .await;
         assert_eq!(r.status, 200, "{q}: {}", String::from_utf8_lossy(&r.body));
         let target = env.upstream.last().target;
@@ -1788,10 +1778,7 @@ async fn websocket_upgrades_are_governed_and_cut_with_their_mandate(b: Backend) 
     assert_eq!(r.status, 200);
     assert!(
         eventually(Duration::from_secs(15), || async {
-            env.via_proxy("GET", &format!("{base}/v1/plain"), &[("proxy-authorization", &a)], b"")
-                .await
-                .code()
-                == "mandate_revoked"
+            env.with_credential("GET", &format!("{base}/v1/plain"), &a).await.code() == "mandate_revoked"
         })
         .await,
         "the revocation reached the gateway"
@@ -1925,14 +1912,7 @@ async fn a_101_that_accepts_no_websocket_opens_no_pipe(b: Backend) {
     let m = mandate_reaching(&env, "GET", &format!("{base}/v1/plain"), b"").await;
     let a = auth(&m);
     // The policy refuses a DELETE.
-    let r = env
-        .via_proxy(
-            "DELETE",
-            &format!("{base}/v1/items/1"),
-            &[("proxy-authorization", &a)],
-            b"",
-        )
-        .await;
+    let r = env.with_credential("DELETE", &format!("{base}/v1/items/1"), &a).await;
     assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
     let (mut s, head) = raw_get(
         env.proxy,
@@ -1991,10 +1971,7 @@ async fn a_live_websocket_is_cut_when_the_revocation_feed_goes_stale(b: Backend)
     faulty.fail_reads(true);
     assert!(
         eventually(Duration::from_secs(10), || async {
-            env.via_proxy("GET", &format!("{base}/v1/plain"), &[("proxy-authorization", &a)], b"")
-                .await
-                .code()
-                == "revocation_feed_stale"
+            env.with_credential("GET", &format!("{base}/v1/plain"), &a).await.code() == "revocation_feed_stale"
         })
         .await,
         "the feed went stale"

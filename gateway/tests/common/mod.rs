@@ -453,6 +453,12 @@ impl Env {
         proxy_request(self.proxy, method, url, headers, body).await
     }
 
+    /// A request without a body through the forward proxy, carrying only `Proxy-Authorization`.
+    pub async fn with_credential(&self, method: &str, url: &str, proxy_authorization: &str) -> Resp {
+        self.via_proxy(method, url, &[("proxy-authorization", proxy_authorization)], b"")
+            .await
+    }
+
     pub fn basic(secret: &str) -> String {
         use base64::Engine as _;
         format!(
