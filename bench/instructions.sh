@@ -3,7 +3,9 @@
 # instructions, so the figure repeats run to run whatever else the machine is doing, unlike
 # the timed benchmark on a shared VM), and in the audit publisher, which runs on the other core.
 # Builds the benchmark like bench/run.sh, then runs one closed-loop slice per target under
-# callgrind:
+# callgrind, and ends with where the governed thread's extra instructions go (bench/cg_diff.py:
+# the functions whose own cost per request differs most from the plain passthrough's). The
+# profiles are kept for callgrind_annotate; the last line says where.
 #
 #   bench/instructions.sh [seconds]        # default 20 s per target (a few thousand requests)
 #
@@ -14,7 +16,6 @@ secs="${1:-20}"
 BENCH_TOOLS="wrk cmake valgrind"
 . bench/setup.sh
 out="$(mktemp -d)"
-trap 'rm -rf "$out"' EXIT
 run() { # name, --only target, upstream_peer symbol
   mkdir -p "$out/$1"
   valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$out/$1/cg.out" \
@@ -23,6 +24,11 @@ run() { # name, --only target, upstream_peer symbol
   printf '%-28s ' "$2:"
   python3 bench/cg_per_request.py "$out/$1"/cg.out-* "$3"
 }
-run plain "plain Pingora passthrough" "gateway::Plain as pingora_proxy::proxy_trait::ProxyHttp>::upstream_peer"
-run governed "governed gateway" "proxy::Proxy as pingora_proxy::proxy_trait::ProxyHttp>::upstream_peer"
-run budget "governed gateway + budget" "proxy::Proxy as pingora_proxy::proxy_trait::ProxyHttp>::upstream_peer"
+plain="gateway::Plain as pingora_proxy::proxy_trait::ProxyHttp>::upstream_peer"
+governed="proxy::Proxy as pingora_proxy::proxy_trait::ProxyHttp>::upstream_peer"
+run plain "plain Pingora passthrough" "$plain"
+run governed "governed gateway" "$governed"
+run budget "governed gateway + budget" "$governed"
+echo "governed gateway against the plain passthrough (A: plain, B: governed):"
+python3 bench/cg_diff.py "$out/plain" "$plain" "$out/governed" "$governed"
+echo "(profiles: $out/{plain,governed,budget}/cg.out-*)"
