@@ -17,27 +17,15 @@ import re
 import subprocess
 import sys
 
-from cg_per_request import PUBLISHER, read_profile
+from cg_per_request import proxy_thread
 
 COST = re.compile(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+\S+?:(.*?)(?:\s+\[[^\]]*\])?$")
-
-
-def proxy_thread(directory, symbol):
-    """The profile of `directory` that calls `symbol` most, and how many times."""
-    best = None
-    for p in sorted(glob.glob(os.path.join(directory, "cg.out-*"))):
-        _, calls, _ = read_profile(p, symbol, PUBLISHER)
-        if calls and (best is None or calls > best[1]):
-            best = (p, calls)
-    if best is None:
-        sys.exit(f"no profile in {directory} calls {symbol}")
-    return best
 
 
 def self_costs(path, requests):
     """Exclusive instructions per request by function."""
     out = subprocess.run(
-        ["callgrind_annotate", "--inclusive=no", "--threshold=100", path],
+        ["callgrind_annotate", "--inclusive=no", "--threshold=100", "--auto=no", path],
         capture_output=True,
         text=True,
         check=True,
@@ -55,7 +43,8 @@ def main():
         sys.exit(__doc__)
     dir_a, sym_a, dir_b, sym_b = sys.argv[1:5]
     rows = int(sys.argv[5]) if len(sys.argv) == 6 else 30
-    (pa, na), (pb, nb) = proxy_thread(dir_a, sym_a), proxy_thread(dir_b, sym_b)
+    (pa, _, na), _ = proxy_thread(glob.glob(os.path.join(dir_a, "cg.out-*")), sym_a)
+    (pb, _, nb), _ = proxy_thread(glob.glob(os.path.join(dir_b, "cg.out-*")), sym_b)
     a, b = self_costs(pa, na), self_costs(pb, nb)
     ta, tb = sum(a.values()), sum(b.values())
     print(f"instructions per request: {ta:.0f} → {tb:.0f} ({tb - ta:+.0f}; A / B = {ta / tb:.3f})")

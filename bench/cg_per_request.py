@@ -55,8 +55,9 @@ def read_profile(path, symbol, function):
     return total, calls, inclusive
 
 
-def main():
-    *files, symbol = sys.argv[1:]
+def proxy_thread(files, symbol):
+    """The proxy's thread among `files` (the profile calling `symbol` most) as (path, total
+    instructions, calls), and the audit publisher's instructions summed over all of them."""
     best = None
     published = 0
     for p in files:
@@ -66,7 +67,12 @@ def main():
             best = (p, total, calls)
     if best is None:
         sys.exit(f"no profile calls {symbol}")
-    p, total, calls = best
+    return best, published
+
+
+def main():
+    *files, symbol = sys.argv[1:]
+    (p, total, calls), published = proxy_thread(files, symbol)
     print(
         f"{total / calls:.0f} instructions per request on the proxy thread, "
         f"{published / calls:.0f} in the audit publisher ({calls} requests, thread profile {p})"
