@@ -336,6 +336,11 @@ async fn read_body(session: &mut Session, max: usize) -> Result<Bytes, Error> {
     }
 }
 
+/// A request whose header map cannot take the gateway's additions.
+fn too_many_headers() -> Box<pingora::Error> {
+    pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "too many request headers")
+}
+
 fn too_big(max: usize) -> Error {
     Error::new(
         ErrorCode::PayloadTooLarge,
@@ -745,10 +750,23 @@ impl Proxy {
     /// Add the gateway's upstream request headers to headers already stripped (see
     /// [`Self::stripped`]): the resource's credential, `Host` (unless `host_ok`: already the
     /// one to send, see [`Self::host_ok`]), `X-Request-Id` and this gateway's `Via` entry.
-    fn add_headers(&self, d: &Decision, request_id: &str, host_ok: bool, headers: &mut http::HeaderMap) {
-        if let Injection::Header(name, value) = &d.resource.inject {
+    /// Room is made first for exactly the fields that may be new (reserving more made the map
+    /// grow, and copy itself, on most requests); a map already at its size limit refuses.
+    fn add_headers(
+        &self,
+        d: &Decision,
+        request_id: &str,
+        host_ok: bool,
+        headers: &mut http::HeaderMap,
+    ) -> Result<(), http::header::MaxSizeReached> {
+        let inject = match &d.resource.inject {
+            Injection::Header(name, value) => Some((name, value)),
+            _ => None,
+        };
+        headers.try_reserve(usize::from(inject.is_some()) + usize::from(!host_ok) + 2)?;
+        if let Some((name, value)) = inject {
             // `insert` replaces every value the caller sent under that name.
-            headers.insert(name.clone(), value.clone());
+            headers.try_insert(name.clone(), value.clone())?;
         }
         if !host_ok {
             let default_port = if d.resource.https { 443 } else { 80 };
@@ -758,23 +776,17 @@ impl Proxy {
                 Some(p) => HeaderValue::from_str(&format!("{}:{p}", d.upstream_host)),
             };
             if let Ok(v) = value {
-                headers.insert(header::HOST, v);
+                headers.try_insert(header::HOST, v)?;
             }
         }
         if let Ok(v) = HeaderValue::from_str(request_id) {
-            headers.insert(X_REQUEST_ID, v);
+            headers.try_insert(X_REQUEST_ID, v)?;
         }
-        let via = self.via(headers.get(header::VIA));
-        headers.insert(header::VIA, via);
-    }
-
-    fn via(&self, existing: Option<&HeaderValue>) -> HeaderValue {
-        let me = &self.gw.via;
-        match existing.and_then(|v| v.to_str().ok()) {
-            Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", me.to_str().unwrap_or("1.1 caracal")))
-                .unwrap_or_else(|_| me.clone()),
-            None => me.clone(),
-        }
+        // This gateway's entry goes last in the `Via` list, as a field line of its own: the
+        // same list as one comma-joined line (RFC 9110 §5.3), and every entry the client sent
+        // is kept as it was.
+        headers.try_append(header::VIA, self.gw.via.clone())?;
+        Ok(())
     }
 
     fn forward_target(&self, d: &Decision, query: Option<&str>) -> String {
@@ -801,7 +813,8 @@ impl Proxy {
         remove_matching(&mut headers, |n| {
             self.stripped(n) || n == header::CONNECTION || nominates && nominated(&req.headers, n)
         });
-        self.add_headers(d, &ctx.rid, false, &mut headers);
+        self.add_headers(d, &ctx.rid, false, &mut headers)
+            .map_err(|_| too_many_headers())?;
         if let Some(h) = b.headers_mut() {
             *h = headers;
         }
@@ -1275,16 +1288,13 @@ impl ProxyHttp for Proxy {
         let host_ok = Self::host_ok(d, parts.headers.get_all(header::HOST).iter());
         // Edited in place: Pingora has already taken the standard hop-by-hop fields out (its
         // default upstream request policy, Proxy-Authorization included), so this pass over
-        // the names usually finds nothing to remove; room for the additions is made once.
+        // the names usually finds nothing to remove.
         let websocket = ctx.websocket;
         remove_matching(&mut parts.headers, |n| {
             self.stripped(n) && !(websocket && n == header::UPGRADE)
         });
-        parts
-            .headers
-            .try_reserve(4)
-            .map_err(|_| pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "too many request headers"))?;
-        self.add_headers(d, &ctx.rid, host_ok, &mut parts.headers);
+        self.add_headers(d, &ctx.rid, host_ok, &mut parts.headers)
+            .map_err(|_| too_many_headers())?;
         let mut edited = RequestHeader::from(parts);
         // Parses the target into the request's URI too.
         edited.set_raw_path(ctx.forward_target.as_bytes())?;

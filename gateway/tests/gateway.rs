@@ -54,7 +54,12 @@ async fn allowed_requests_carry_the_injected_credential_never_the_mandate(b: Bac
         .via_proxy(
             "GET",
             &url,
-            &[("proxy-authorization", &auth(&m)), ("x-request-id", "req-abc")],
+            &[
+                ("proxy-authorization", &auth(&m)),
+                ("x-request-id", "req-abc"),
+                ("via", "1.0 fred, 1.1 p.example"),
+                ("via", "1.1 squid"),
+            ],
             b"",
         )
         .await;
@@ -68,7 +73,11 @@ async fn allowed_requests_carry_the_injected_credential_never_the_mandate(b: Bac
         "the mandate never reaches the upstream"
     );
     assert_eq!(seen.headers["host"], format!("api.test:{}", env.upstream.addr.port()));
-    assert!(seen.headers["via"].contains(&env.rt.config.gateway.id));
+    // Every `Via` entry the client sent, in order, then this gateway's.
+    assert_eq!(
+        seen.headers["via"],
+        format!("1.0 fred, 1.1 p.example, 1.1 squid, 1.1 {}", env.rt.config.gateway.id)
+    );
     assert_eq!(seen.headers["x-request-id"], "req-abc");
     // The whole decision record (serialised by the audit publisher, off the request's thread).
     let gw_id = env.rt.config.gateway.id.clone();

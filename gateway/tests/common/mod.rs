@@ -118,11 +118,19 @@ pub async fn upstream() -> Upstream {
                     async move {
                         let (parts, body) = req.into_parts();
                         let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-                        let headers = parts
-                            .headers
-                            .iter()
-                            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
-                            .collect();
+                        // A field sent on several lines is seen as its one comma-joined list
+                        // (RFC 9110 §5.3), so a duplicate shows.
+                        let mut headers: HashMap<String, String> = HashMap::new();
+                        for (k, v) in &parts.headers {
+                            let v = v.to_str().unwrap_or("");
+                            headers
+                                .entry(k.to_string())
+                                .and_modify(|l| {
+                                    l.push_str(", ");
+                                    l.push_str(v);
+                                })
+                                .or_insert_with(|| v.to_string());
+                        }
                         let target = parts.uri.to_string();
                         seen.lock().unwrap().push(Seen {
                             method: parts.method.to_string(),
