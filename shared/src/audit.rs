@@ -62,9 +62,10 @@ pub const PACKED_MAX: usize = 384;
 /// A record packed into bytes on the emitting thread and written as JSON from those bytes by
 /// the publisher ([`AuditEmitter::emit_packed`]). It travels inside the queue's own slot, so
 /// nothing the emitting thread allocated is freed on the publisher's: a record that owns heap
-/// memory (a [`Record`] in a box, its strings) is freed there, and the emitting thread's
-/// allocator later walks those blocks back one cache miss at a time — measured at ~2 µs per
-/// request on the gateway's thread, most of what auditing cost it (bench/RESULTS.md).
+/// memory (a [`Record`] in a box, its strings) is freed there, and its blocks return to the
+/// emitting thread's allocator from the other core. On the gateway's thread auditing cost ~2 µs
+/// per request while records left it that way, and packing its decision record cut the
+/// gateway's own CPU per request by ~3 % (bench/RESULTS.md).
 pub struct Packed {
     write: fn(&[u8], &mut Vec<u8>) -> serde_json::Result<()>,
     len: u16,
