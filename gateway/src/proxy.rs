@@ -750,8 +750,9 @@ impl Proxy {
     /// Add the gateway's upstream request headers to headers already stripped (see
     /// [`Self::stripped`]): the resource's credential, `Host` (unless `host_ok`: already the
     /// one to send, see [`Self::host_ok`]), `X-Request-Id` and this gateway's `Via` entry.
-    /// Room is made first for exactly the fields that may be new (reserving more made the map
-    /// grow, and copy itself, on most requests); a map already at its size limit refuses.
+    /// Room is made once, first, for exactly the fields that may be new (Pingora sizes the map
+    /// to the request's own fields, so it grows once here); a map already at its size limit
+    /// refuses.
     fn add_headers(
         &self,
         d: &Decision,
