@@ -118,6 +118,14 @@ struct DecisionEvent {
 
 impl caracal_shared::audit::Record for DecisionEvent {
     fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        self.view().write_json(self.est.reserved.as_deref(), out);
+        Ok(())
+    }
+}
+
+impl DecisionEvent {
+    /// Its fields as the JSON writer takes them (budget holds aside).
+    fn view(&self) -> DecisionView<'_> {
         let claims = self.est.mandate.as_ref();
         DecisionView {
             allow: self.allow,
@@ -136,12 +144,8 @@ impl caracal_shared::audit::Record for DecisionEvent {
             request_id: &self.info.request_id,
             gateway: self.gateway,
         }
-        .write_json(self.est.reserved.as_deref(), out);
-        Ok(())
     }
-}
 
-impl DecisionEvent {
     /// This record packed into the audit queue's slot (see [`caracal_shared::audit::Packed`]),
     /// read back by [`write_packed`]; `None` when it holds budget reservations or does not
     /// fit (it then goes boxed).
@@ -149,31 +153,20 @@ impl DecisionEvent {
         if self.est.reserved.is_some() {
             return None;
         }
+        let v = self.view();
         let mut p = Pack(caracal_shared::audit::Packed::new(write_packed), true);
-        let claims = self.est.mandate.as_ref();
-        p.u8(u8::from(self.allow));
-        for s in [
-            self.reason,
-            self.info.kind,
-            self.info.mode,
-            &self.info.request_id,
-            self.gateway,
-        ] {
+        p.u8(u8::from(v.allow));
+        for s in [v.reason, v.kind, v.mode, v.request_id, v.gateway] {
             p.str(Some(s));
         }
-        p.id(claims.map(|c| c.agent.uuid()));
-        p.id(claims.map(|c| c.mandate_id.uuid()));
-        p.id(claims.and_then(|c| c.session).map(|s| s.uuid()));
-        p.id(self.est.resource.map(|r| r.uuid()));
-        for s in [
-            &self.est.method.as_deref(),
-            &self.est.host.as_deref(),
-            &self.est.path.as_deref(),
-            &self.est.rule.as_deref(),
-        ] {
-            p.str(*s);
+        p.id(v.agent.map(|a| a.uuid()));
+        p.id(v.mandate_id.map(|m| m.uuid()));
+        p.id(v.session.map(|s| s.uuid()));
+        p.id(v.resource.map(|r| r.uuid()));
+        for s in [v.method, v.host, v.path, v.rule] {
+            p.str(s);
         }
-        match self.info.source {
+        match v.source {
             None => p.u8(0),
             Some(IpAddr::V4(a)) => {
                 p.u8(4);
@@ -370,9 +363,9 @@ struct DecisionRecord<'a> {
     #[serde(rename = "type")]
     kind_of: &'static str,
     decision: &'static str,
-    reason: &'static str,
-    kind: &'static str,
-    mode: &'static str,
+    reason: &'a str,
+    kind: &'a str,
+    mode: &'a str,
     agent: Option<caracal_shared::ids::AgentId>,
     mandate_id: Option<caracal_shared::ids::MandateId>,
     session: Option<caracal_shared::ids::SessionId>,
@@ -391,24 +384,24 @@ struct DecisionRecord<'a> {
 #[cfg(test)]
 impl serde::Serialize for DecisionEvent {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        let claims = self.est.mandate.as_ref();
+        let v = self.view();
         DecisionRecord {
             kind_of: "decision",
-            decision: if self.allow { "allow" } else { "deny" },
-            reason: self.reason,
-            kind: self.info.kind,
-            mode: self.info.mode,
-            agent: claims.map(|c| c.agent),
-            mandate_id: claims.map(|c| c.mandate_id),
-            session: claims.and_then(|c| c.session),
-            resource: self.est.resource,
-            method: self.est.method.as_deref(),
-            host: self.est.host.as_deref(),
-            path: self.est.path.as_deref(),
-            rule: self.est.rule.as_deref(),
-            source: self.info.source,
-            request_id: &self.info.request_id,
-            gateway: self.gateway,
+            decision: if v.allow { "allow" } else { "deny" },
+            reason: v.reason,
+            kind: v.kind,
+            mode: v.mode,
+            agent: v.agent,
+            mandate_id: v.mandate_id,
+            session: v.session,
+            resource: v.resource,
+            method: v.method,
+            host: v.host,
+            path: v.path,
+            rule: v.rule,
+            source: v.source,
+            request_id: v.request_id,
+            gateway: v.gateway,
             reserved: self.est.reserved.as_deref(),
         }
         .serialize(s)
