@@ -264,7 +264,11 @@ impl<'a> Unpack<'a> {
 fn write_packed(b: &[u8], out: &mut Vec<u8>) -> serde_json::Result<()> {
     use caracal_shared::ids::{AgentId, MandateId, ResourceId, SessionId};
     let mut u = Unpack(b);
-    let allow = u.u8()? == 1;
+    let allow = match u.u8()? {
+        0 => false,
+        1 => true,
+        _ => return Err(corrupt()),
+    };
     let (reason, kind, mode, request_id, gateway) = (
         u.some_str()?,
         u.some_str()?,
@@ -1101,10 +1105,16 @@ mod tests {
                 }
             }
         }
-        // Trailing or unknown bytes are refused too.
+        // Trailing bytes and unknown tags are refused too.
         let p = ev("/v1".into(), None).pack().unwrap();
         let mut longer = p.bytes().to_vec();
         longer.push(0);
         assert!(write_packed(&longer, &mut Vec::new()).is_err());
+        let mut odd_allow = p.bytes().to_vec();
+        odd_allow[0] = 2;
+        assert!(write_packed(&odd_allow, &mut Vec::new()).is_err());
+        let mut odd_source = p.bytes().to_vec();
+        *odd_source.last_mut().unwrap() = 5;
+        assert!(write_packed(&odd_source, &mut Vec::new()).is_err());
     }
 }
