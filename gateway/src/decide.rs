@@ -311,7 +311,9 @@ fn write_packed(b: &[u8], out: &mut Vec<u8>) -> serde_json::Result<()> {
 
 /// A decision record's fields, borrowed from a [`DecisionEvent`] or from its packed bytes: the
 /// one writer of its JSON.
+#[cfg_attr(test, derive(serde::Serialize))]
 struct DecisionView<'a> {
+    #[cfg_attr(test, serde(skip))]
     allow: bool,
     reason: &'a str,
     kind: &'a str,
@@ -359,28 +361,16 @@ impl DecisionView<'_> {
     }
 }
 
-/// The decision event's JSON form as serde writes it: the reference
-/// [`DecisionEvent::write_json`] is tested against.
+/// The decision event's JSON form as serde writes it (its view's fields, serde-derived, after
+/// the type and the decision): the reference [`DecisionView::write_json`] is tested against.
 #[cfg(test)]
 #[derive(serde::Serialize)]
 struct DecisionRecord<'a> {
     #[serde(rename = "type")]
     kind_of: &'static str,
     decision: &'static str,
-    reason: &'a str,
-    kind: &'a str,
-    mode: &'a str,
-    agent: Option<caracal_shared::ids::AgentId>,
-    mandate_id: Option<caracal_shared::ids::MandateId>,
-    session: Option<caracal_shared::ids::SessionId>,
-    resource: Option<caracal_shared::ids::ResourceId>,
-    method: Option<&'a str>,
-    host: Option<&'a str>,
-    path: Option<&'a str>,
-    rule: Option<&'a str>,
-    source: Option<IpAddr>,
-    request_id: &'a str,
-    gateway: &'a str,
+    #[serde(flatten)]
+    view: DecisionView<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reserved: Option<&'a [crate::budget::HoldView]>,
 }
@@ -388,24 +378,11 @@ struct DecisionRecord<'a> {
 #[cfg(test)]
 impl serde::Serialize for DecisionEvent {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        let v = self.view();
+        let view = self.view();
         DecisionRecord {
             kind_of: "decision",
-            decision: if v.allow { "allow" } else { "deny" },
-            reason: v.reason,
-            kind: v.kind,
-            mode: v.mode,
-            agent: v.agent,
-            mandate_id: v.mandate_id,
-            session: v.session,
-            resource: v.resource,
-            method: v.method,
-            host: v.host,
-            path: v.path,
-            rule: v.rule,
-            source: v.source,
-            request_id: v.request_id,
-            gateway: v.gateway,
+            decision: if view.allow { "allow" } else { "deny" },
+            view,
             reserved: self.est.reserved.as_deref(),
         }
         .serialize(s)
@@ -1090,18 +1067,17 @@ mod tests {
         ] {
             for len in [0, 1, 100, 200] {
                 let e = ev(format!("/{}", "é".repeat(len)), source);
-                match e.pack() {
-                    Some(p) => {
-                        let mut out = Vec::new();
-                        p.write_json(&mut out).unwrap();
-                        assert_eq!(out, json(&e), "{len} {source:?}");
-                        // Every strict prefix of its bytes is refused, not misread.
-                        for cut in 0..p.bytes().len() {
-                            assert!(write_packed(&p.bytes()[..cut], &mut Vec::new()).is_err());
-                        }
+                let packed = e.pack();
+                // Only the record whose path (400 bytes) does not fit goes boxed.
+                assert_eq!(packed.is_none(), len == 200, "{len} {source:?}");
+                if let Some(p) = packed {
+                    let mut out = Vec::new();
+                    p.write_json(&mut out).unwrap();
+                    assert_eq!(out, json(&e), "{len} {source:?}");
+                    // Every strict prefix of its bytes is refused, not misread.
+                    for cut in 0..p.bytes().len() {
+                        assert!(write_packed(&p.bytes()[..cut], &mut Vec::new()).is_err());
                     }
-                    // Only a record whose text does not fit goes boxed.
-                    None => assert!(len == 200, "{len} {source:?}"),
                 }
             }
         }

@@ -85,7 +85,7 @@ impl Packed {
     /// Append `b`; `false`, with nothing appended, when it does not fit.
     pub fn push(&mut self, b: &[u8]) -> bool {
         let at = usize::from(self.len);
-        match self.bytes.get_mut(at..at + b.len()) {
+        match at.checked_add(b.len()).and_then(|end| self.bytes.get_mut(at..end)) {
             Some(room) => {
                 room.copy_from_slice(b);
                 self.len += b.len() as u16;
