@@ -1,19 +1,25 @@
 //! Emitting evidence: every decision, mint and refusal becomes an event on the audit stream.
 //!
 //! [`AuditEmitter::emit`] never waits: it puts the event in a bounded in-memory queue and
-//! returns. A background task drains the queue in batches (up to 1024 events or whatever has
-//! accumulated) and publishes each batch as **one** signed bus message (kind [`BATCH_KIND`],
+//! returns (the gateway's per-request decision records, [`AuditEmitter::emit_packed`], go to a
+//! bounded ring of the emitting thread's own instead: see `Rings`). A background task drains
+//! the queue and the rings in batches (up to 1024 events or whatever has accumulated) and
+//! publishes each batch as **one** signed bus message (kind [`BATCH_KIND`],
 //! one MAC and one stream entry for the lot), retrying with backoff until the bus accepts it.
 //! Every event in a batch keeps its own id, kind, tenant and time; consumers see them
-//! individually through [`expand`], and the ledger records each as its own leaf. When the queue is full — the bus has been unreachable long enough — `emit`
-//! fails, and callers **fail closed** (the gateway refuses the request, the STS refuses to
-//! mint): nothing is decided that cannot be recorded. On shutdown the queue is flushed.
+//! individually through [`expand`], and the ledger records each as its own leaf. When the queue
+//! (or the thread's ring) is full — the bus has been unreachable long enough — `emit` fails,
+//! and callers **fail closed** (the gateway refuses the request, the STS refuses to mint):
+//! nothing is decided that cannot be recorded. On shutdown the queue and the rings are flushed.
 //!
 //! The window of loss is the queue's content when a process is killed (`kill -9`) before the
-//! next flush (the 2 ms a batch gathers plus one publish); graceful stops lose nothing.
+//! next flush (the 2 ms a batch gathers plus one publish). Graceful stops lose nothing, with
+//! one bounded exception: a packed record whose thread saw the rings open at the stop but was
+//! descheduled for longer than the final 2 ms gathering before pushing it (see `Rings`).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use prometheus::core::{Collector, Desc};
@@ -31,6 +37,13 @@ use crate::time::{Micros, now_micros};
 
 /// How long the publisher lets a batch gather after its first event.
 const LINGER: Duration = Duration::from_millis(2);
+
+/// How long an idle publisher waits before looking at the rings of packed records again even
+/// if no wake-up came (see [`Rings`]: a wake-up can be missed, never an event).
+const IDLE: Duration = Duration::from_millis(20);
+
+/// The most events in one published batch.
+const BATCH_MAX: usize = 1024;
 
 /// Kind of a bus message that carries several audit events.
 pub const BATCH_KIND: &str = "audit.batch";
@@ -387,13 +400,155 @@ fn batch_envelope(items: &[Pending]) -> Envelope {
     Envelope::with_body(streams::AUDIT, BATCH_KIND, None, body)
 }
 
-/// `audit_buffer_depth`, read when scraped: the events in the queue plus those of the batch
-/// being published. Nothing on the emitting path updates it (a gauge both the emitting threads
-/// and the publisher wrote moved one cache line between cores on every event).
+/// Packed records wait in rings, one per thread that emits them, instead of the shared queue:
+/// pushing one is a copy into memory only that thread writes and one plain store, where the
+/// queue took three atomic read-modify-writes per event (its semaphore, the slot's ready bit,
+/// the receiver's waker), each of which waits for the slot's just-written bytes to leave the
+/// store buffer. Each ring holds up to the emitter's capacity; the publisher takes what the rings
+/// hold whenever it takes from the queue.
+///
+/// Order: events from one thread stay in order; events the same task emitted from two threads
+/// (a task that moved between them) may be published in either order (their times tell). Only
+/// the gateway's per-request decision records travel this way (one per request); every other
+/// event keeps the queue's single order.
+///
+/// Wake-up: a push that finds its ring empty (as far as its thread can see) wakes the
+/// publisher. Without a fence on the emitting side, a push racing with the publisher's last
+/// look can miss that wake-up; the publisher then finds the event within [`IDLE`].
+///
+/// Stop: a push looks at `closed` first; the publisher closes the rings, then lets [`LINGER`]
+/// pass before every read that follows, so a push that saw them open lands before the last
+/// read unless its thread was descheduled between the look and the push for longer than that.
+struct Rings {
+    /// Tells this emitter's rings from another's in a thread's list.
+    id: u64,
+    capacity: usize,
+    consumers: Mutex<Vec<rtrb::Consumer<Pending>>>,
+    wake: tokio::sync::Notify,
+    /// Set when the publisher stops: pushes are refused from then on.
+    closed: AtomicBool,
+}
+
+thread_local! {
+    /// This thread's rings, one per emitter it has pushed packed records through.
+    static RINGS: RefCell<Vec<(u64, rtrb::Producer<Pending>)>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Rings {
+    fn new(capacity: usize) -> Rings {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Rings {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            capacity,
+            consumers: Mutex::new(Vec::new()),
+            wake: tokio::sync::Notify::new(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn consumers(&self) -> MutexGuard<'_, Vec<rtrb::Consumer<Pending>>> {
+        // Nothing that holds the lock can leave the list half-changed.
+        self.consumers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Push onto this thread's ring (made on the thread's first push); `false`, with the event
+    /// dropped, when the ring is full or the publisher has stopped.
+    fn push(&self, p: Pending) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        // (`try_with`: a thread whose locals are being torn down has no ring.)
+        let pushed = RINGS.try_with(|rings| {
+            let Ok(mut rings) = rings.try_borrow_mut() else {
+                return None;
+            };
+            let at = match rings.iter().position(|(id, _)| *id == self.id) {
+                Some(at) => at,
+                None => {
+                    // Rings whose publisher has gone are dropped with the new one's arrival.
+                    rings.retain(|(_, r)| !r.is_abandoned());
+                    let (tx, rx) = rtrb::RingBuffer::new(self.capacity);
+                    self.consumers().push(rx);
+                    rings.push((self.id, tx));
+                    rings.len() - 1
+                }
+            };
+            let ring = &mut rings[at].1;
+            let was_empty = ring.slots() == self.capacity;
+            ring.push(p).ok().map(|()| was_empty)
+        });
+        match pushed {
+            Ok(Some(was_empty)) => {
+                if was_empty {
+                    self.wake.notify_one();
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether this thread's ring has room (a thread that has none yet has).
+    fn has_room(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
+            && RINGS.with(|rings| {
+                rings.try_borrow().is_ok_and(|rings| {
+                    rings
+                        .iter()
+                        .find(|(id, _)| *id == self.id)
+                        .is_none_or(|(_, r)| !r.is_full())
+                })
+            })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.consumers().iter().all(|c| c.is_empty())
+    }
+
+    /// The events waiting in every ring.
+    fn len(&self) -> usize {
+        self.consumers().iter().map(|c| c.slots()).sum()
+    }
+
+    /// Move up to `max` events in all into `batch`; rings whose thread has ended go once empty.
+    /// Returns how many were moved.
+    fn take(&self, batch: &mut Vec<Pending>, max: usize) -> usize {
+        let before = batch.len();
+        self.consumers().retain_mut(|c| {
+            let n = c.slots().min(max.saturating_sub(batch.len()));
+            if let Ok(chunk) = c.read_chunk(n) {
+                batch.extend(chunk);
+            }
+            !(c.is_abandoned() && c.is_empty())
+        });
+        batch.len() - before
+    }
+
+    /// Refuse pushes from now on.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+}
+
+/// Closes the rings however the publisher ends (a dropped task too), so that no push is
+/// accepted that nobody will take, and frees them.
+struct CloseRings(Arc<Rings>);
+
+impl Drop for CloseRings {
+    fn drop(&mut self) {
+        self.0.close();
+        self.0.consumers().clear();
+    }
+}
+
+/// `audit_buffer_depth`, read when scraped: the events in the queue and the rings plus those of
+/// the batch being published. Nothing on the emitting path updates it (a gauge both the emitting
+/// threads and the publisher wrote moved one cache line between cores on every event).
 struct Depth {
     gauge: IntGauge,
     /// Weak: the registry must not keep the queue open.
     tx: mpsc::WeakSender<Pending>,
+    rings: Weak<Rings>,
     in_flight: Arc<AtomicUsize>,
 }
 
@@ -404,7 +559,9 @@ impl Collector for Depth {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let queued = self.tx.upgrade().map_or(0, |tx| tx.max_capacity() - tx.capacity());
-        self.gauge.set((queued + self.in_flight.load(Ordering::Relaxed)) as i64);
+        let ringed = self.rings.upgrade().map_or(0, |r| r.len());
+        self.gauge
+            .set((queued + ringed + self.in_flight.load(Ordering::Relaxed)) as i64);
         self.gauge.collect()
     }
 }
@@ -412,6 +569,7 @@ impl Collector for Depth {
 #[derive(Clone)]
 pub struct AuditEmitter {
     tx: mpsc::Sender<Pending>,
+    rings: Arc<Rings>,
     /// `audit_events_total{outcome="queued"}` and `{outcome="refused"}`, resolved once (a
     /// label lookup hashes and locks; this is on every request's path).
     queued: IntCounter,
@@ -419,7 +577,8 @@ pub struct AuditEmitter {
 }
 
 impl AuditEmitter {
-    /// Start the publisher task. `capacity` bounds the queue.
+    /// Start the publisher task. `capacity` bounds the queue, and each thread's ring of packed
+    /// records.
     pub fn start(
         bus: Arc<dyn Bus>,
         auth: BusAuth,
@@ -427,20 +586,26 @@ impl AuditEmitter {
         registry: &Registry,
         shutdown: Shutdown,
     ) -> (AuditEmitter, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(capacity.max(16));
+        let capacity = capacity.max(16);
+        let (tx, rx) = mpsc::channel(capacity);
+        let rings = Arc::new(Rings::new(capacity));
         let depth = IntGauge::with_opts(
             Opts::new("audit_buffer_depth", "Audit events waiting to be published").namespace(NAMESPACE),
         )
         .expect("valid metric");
         let cap = IntGauge::with_opts(
-            Opts::new("audit_buffer_capacity", "Capacity of the audit buffer").namespace(NAMESPACE),
+            Opts::new(
+                "audit_buffer_capacity",
+                "Capacity of the audit buffer (the queue, and each thread's ring of packed records)",
+            )
+            .namespace(NAMESPACE),
         )
         .expect("valid metric");
         cap.set(capacity as i64);
         let events = IntCounterVec::new(
             Opts::new(
                 "audit_events_total",
-                "Audit events by outcome (queued, published, refused)",
+                "Audit events by outcome (queued, published, refused; packed records count as queued when the publisher takes them)",
             )
             .namespace(NAMESPACE),
             &["outcome"],
@@ -450,17 +615,27 @@ impl AuditEmitter {
         let _ = registry.register(Box::new(Depth {
             gauge: depth,
             tx: tx.downgrade(),
+            rings: Arc::downgrade(&rings),
             in_flight: in_flight.clone(),
         }));
         let _ = registry.register(Box::new(cap));
         let _ = registry.register(Box::new(events.clone()));
+        let queued = events.with_label_values(&["queued"]);
         let me = AuditEmitter {
             tx,
-            queued: events.with_label_values(&["queued"]),
+            rings: rings.clone(),
+            queued: queued.clone(),
             refused: events.with_label_values(&["refused"]),
         };
-        let published = events.with_label_values(&["published"]);
-        let task = tokio::spawn(publish_loop(bus, auth, rx, in_flight, published, shutdown));
+        let publisher = Publisher {
+            bus,
+            auth,
+            rings,
+            in_flight,
+            queued,
+            published: events.with_label_values(&["published"]),
+        };
+        let task = tokio::spawn(publisher.run(rx, shutdown));
         (me, task)
     }
 
@@ -476,10 +651,19 @@ impl AuditEmitter {
         self.queue(kind, tenant, Body::Deferred(Box::new(record)))
     }
 
-    /// Queue one event packed into the queue's slot (see [`Packed`]): for records written on
-    /// every request, whose own heap memory would otherwise be freed on the publisher's thread.
+    /// Queue one event packed into its slot (see [`Packed`]) on this thread's ring (see
+    /// [`Rings`]: events from one thread keep their order; use it only for events that need no
+    /// order with others). Fails when the ring is full.
     pub fn emit_packed(&self, kind: &'static str, tenant: Option<TenantId>, record: Packed) -> Result<()> {
-        self.queue(kind, tenant, Body::Packed(record))
+        let p = Pending {
+            kind,
+            tenant,
+            ts: now_micros(),
+            body: Body::Packed(record),
+        };
+        // (Counted as queued by the publisher when it takes them: a shared counter here is an
+        // atomic read-modify-write on every request.)
+        if self.rings.push(p) { Ok(()) } else { Err(self.refuse()) }
     }
 
     /// Queue one event whose body is already JSON text (the caller serialised it, e.g. from a
@@ -500,61 +684,95 @@ impl AuditEmitter {
                 self.queued.inc();
                 Ok(())
             }
-            Err(_) => {
-                self.refused.inc();
-                Err(Error::new(
-                    ErrorCode::AuditUnavailable,
-                    "the audit pipeline cannot accept events; refusing to act unrecorded",
-                ))
-            }
+            Err(_) => Err(self.refuse()),
         }
     }
 
-    /// Whether the queue has room (for readiness and fail-closed checks before acting).
+    fn refuse(&self) -> Error {
+        self.refused.inc();
+        Error::new(
+            ErrorCode::AuditUnavailable,
+            "the audit pipeline cannot accept events; refusing to act unrecorded",
+        )
+    }
+
+    /// Whether the queue, and this thread's ring, have room (for readiness and fail-closed
+    /// checks before acting).
     pub fn has_room(&self) -> bool {
-        self.tx.capacity() > 0
+        self.tx.capacity() > 0 && self.rings.has_room()
     }
 }
 
-async fn publish_loop(
+/// The task that publishes what the queue and the rings hold.
+struct Publisher {
     bus: Arc<dyn Bus>,
     auth: BusAuth,
-    mut rx: mpsc::Receiver<Pending>,
+    rings: Arc<Rings>,
     in_flight: Arc<AtomicUsize>,
+    queued: IntCounter,
     published: IntCounter,
-    shutdown: Shutdown,
-) {
-    let mut batch: Vec<Pending> = Vec::with_capacity(1024);
-    loop {
-        let first = tokio::select! {
-            e = rx.recv() => e,
-            _ = shutdown.wait() => {
-                rx.close();
-                rx.recv().await
+}
+
+impl Publisher {
+    async fn run(self, mut rx: mpsc::Receiver<Pending>, shutdown: Shutdown) {
+        let _close = CloseRings(self.rings.clone());
+        let mut batch: Vec<Pending> = Vec::with_capacity(BATCH_MAX);
+        // The queue has ended: stopped, or every emitter dropped (nothing new can come then,
+        // but what the rings hold is still published).
+        let mut ended = false;
+        loop {
+            if !ended && self.rings.is_empty() {
+                tokio::select! {
+                    e = rx.recv() => match e {
+                        Some(e) => batch.push(e),
+                        None => ended = true,
+                    },
+                    () = self.rings.wake.notified() => {}
+                    () = tokio::time::sleep(IDLE) => continue,
+                    () = shutdown.wait(), if !rx.is_closed() => {
+                        // Refuse what comes from now on; publish what has come.
+                        rx.close();
+                        self.rings.close();
+                    }
+                }
             }
-        };
-        let Some(first) = first else { break };
-        batch.push(first);
-        // Let a batch gather for a moment (never delays the emitter, which does not wait):
-        // under load this turns thousands of tiny publishes a second into a few hundred.
-        if !shutdown.is_triggered() {
+            // Let a batch gather for a moment (never delays the emitters, which do not wait):
+            // under load this turns thousands of tiny publishes a second into a few hundred.
+            // After a stop it also lets a push that passed the rings' check a moment before
+            // they closed land before they are read for the last time.
             tokio::time::sleep(LINGER).await;
+            // Whatever arrived meanwhile, in one take: the queue's slots go back once per batch
+            // (`try_recv` gave each one back on its own, locking the queue's semaphore, whose
+            // cache line the emitting threads then missed). Never waits: only this task
+            // receives, so a queue that is not empty stays so until it is read.
+            if !rx.is_empty() {
+                let room = BATCH_MAX - batch.len();
+                rx.recv_many(&mut batch, room).await;
+            } else if rx.is_closed() && !ended {
+                // Closed and empty: `recv` says so at once.
+                ended = rx.recv().await.is_none();
+            }
+            let ringed = self.rings.take(&mut batch, BATCH_MAX);
+            self.queued.inc_by(ringed as u64);
+            if batch.is_empty() {
+                if ended {
+                    break;
+                }
+                continue;
+            }
+            self.publish(&mut batch, &shutdown).await;
         }
-        // Whatever arrived meanwhile, in one take: the queue's slots go back once per batch
-        // (`try_recv` gave each one back on its own, locking the queue's semaphore, whose
-        // cache line the emitting threads then missed). Never waits: only this task receives,
-        // so a queue that is not empty stays so until it is read.
-        if !rx.is_empty() {
-            let room = 1024 - batch.len();
-            rx.recv_many(&mut batch, room).await;
-        }
+    }
+
+    /// Publish `batch` as one message (retrying until the bus takes it), and empty it.
+    async fn publish(&self, batch: &mut Vec<Pending>, shutdown: &Shutdown) {
         let n = batch.len();
-        in_flight.store(n, Ordering::Relaxed);
-        let payload = auth.sign(batch_envelope(&batch)).to_bytes();
+        self.in_flight.store(n, Ordering::Relaxed);
+        let payload = self.auth.sign(batch_envelope(batch)).to_bytes();
         batch.clear();
         let mut backoff = Duration::from_millis(20);
         loop {
-            match bus.publish(streams::AUDIT, payload.clone()).await {
+            match self.bus.publish(streams::AUDIT, payload.clone()).await {
                 Ok(_) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, events = n, "audit publish failed; retrying");
@@ -567,8 +785,8 @@ async fn publish_loop(
                 }
             }
         }
-        in_flight.store(0, Ordering::Relaxed);
-        published.inc_by(n as u64);
+        self.in_flight.store(0, Ordering::Relaxed);
+        self.published.inc_by(n as u64);
     }
 }
 
@@ -901,6 +1119,153 @@ mod tests {
         drop(em);
         other.emit("test", None, &serde_json::json!({ "i": 1 })).unwrap();
         drop(other);
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the publisher ends")
+            .unwrap();
+        assert_eq!(on_the_bus(&env).await.len(), 2);
+        env.cleanup().await;
+    }
+
+    /// A packed record written as `{"t": t, "i": i}`.
+    fn packed_ti(t: u8, i: u32) -> Packed {
+        fn write(b: &[u8], out: &mut Vec<u8>) -> serde_json::Result<()> {
+            let bad = || <serde_json::Error as serde::de::Error>::custom("bad record");
+            let (&t, i) = b.split_first().ok_or_else(bad)?;
+            let i = u32::from_le_bytes(i.try_into().map_err(|_| bad())?);
+            serde_json::to_writer(&mut *out, &serde_json::json!({ "t": t, "i": i }))
+        }
+        let mut p = Packed::new(write);
+        assert!(p.push(&[t]) && p.push(&i.to_le_bytes()));
+        p
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn packed_events_from_many_threads_are_published_once_each_in_each_threads_order() {
+        use crate::config::BusBackend;
+        use crate::testing::{BusEnv, eventually, shutdown};
+        let env = BusEnv::new(BusBackend::Embedded).await.expect("an embedded bus");
+        let registry = Registry::new();
+        let sd = shutdown();
+        let (em, task) = AuditEmitter::start(env.bus.clone(), env.auth(), 8192, &registry, sd.clone());
+        // Four threads, 1,500 events each, and every thread ends (its ring is read to its end,
+        // then dropped).
+        let threads: Vec<_> = (0..4u8)
+            .map(|t| {
+                let em = em.clone();
+                std::thread::spawn(move || {
+                    for i in 0..1500 {
+                        em.emit_packed("test", None, packed_ti(t, i)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                on_the_bus(&env).await.len() >= 6000
+            })
+            .await,
+            "every event published"
+        );
+        let events = on_the_bus(&env).await;
+        assert_eq!(events.len(), 6000, "nothing twice");
+        let mut next = [0i64; 4];
+        for e in &events {
+            let t = e.body["t"].as_u64().unwrap() as usize;
+            assert_eq!(
+                e.body["i"].as_i64().unwrap(),
+                next[t],
+                "thread {t}'s events in its order"
+            );
+            next[t] += 1;
+        }
+        let ids: std::collections::HashSet<_> = events.iter().map(|e| e.id).collect();
+        assert_eq!(ids.len(), 6000, "every event has its own id");
+        assert!(
+            eventually(Duration::from_secs(5), || async { em.rings.consumers().is_empty() }).await,
+            "the rings of threads that ended are dropped once read"
+        );
+        let count = |outcome: &str| {
+            registry
+                .gather()
+                .iter()
+                .find(|f| f.name() == "caracal_audit_events_total")
+                .and_then(|f| {
+                    f.get_metric()
+                        .iter()
+                        .find(|m| m.get_label()[0].value() == outcome)
+                        .map(|m| m.get_counter().get_value())
+                })
+                .unwrap_or(0.0)
+        };
+        assert_eq!((count("queued"), count("published")), (6000.0, 6000.0));
+        sd.trigger();
+        task.await.unwrap();
+        env.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn a_full_ring_refuses_packed_events_until_the_bus_takes_them_and_a_stop_flushes_then_refuses() {
+        use crate::testing::eventually;
+        let (env, faulty, registry, sd, em, task) = on_a_failing_bus().await;
+        // The bus refuses: the publisher holds the batch it took, and this thread's ring fills.
+        em.emit_packed("test", None, packed_ti(0, 0)).unwrap();
+        let depth = || gauge(&registry, "audit_buffer_depth");
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                depth() == 1.0 && em.rings.is_empty()
+            })
+            .await
+        );
+        let mut accepted = 1;
+        let refusal = loop {
+            match em.emit_packed("test", None, packed_ti(0, accepted)) {
+                Ok(()) => accepted += 1,
+                Err(e) => break e,
+            }
+            assert!(accepted <= 16 + 1, "a ring holds at most its capacity");
+        };
+        assert_eq!(refusal.code, ErrorCode::AuditUnavailable);
+        assert_eq!(accepted, 17, "the one being retried and a full ring");
+        assert!(!em.has_room());
+        assert_eq!(depth(), 17.0);
+        // The queue is another thing: it still takes events.
+        em.emit("test", None, &serde_json::json!({ "t": 1, "i": 0 })).unwrap();
+        // The bus is back: everything accepted is published, and events are taken again.
+        faulty.fail_after(-1);
+        assert!(eventually(Duration::from_secs(10), || async { on_the_bus(&env).await.len() == 18 }).await);
+        assert!(em.has_room());
+        em.emit_packed("test", None, packed_ti(0, 17)).unwrap();
+        // A stop publishes what is left and refuses what comes after.
+        sd.trigger();
+        task.await.unwrap();
+        let mut ring: Vec<i64> = on_the_bus(&env)
+            .await
+            .iter()
+            .filter(|e| e.body["t"] == 0)
+            .map(|e| e.body["i"].as_i64().unwrap())
+            .collect();
+        ring.sort_unstable();
+        assert_eq!(ring, (0..18).collect::<Vec<_>>());
+        let late = em.emit_packed("test", None, packed_ti(0, 18)).unwrap_err();
+        assert_eq!(late.code, ErrorCode::AuditUnavailable);
+        assert!(!em.has_room());
+        env.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn packed_events_are_flushed_when_the_last_emitter_is_dropped() {
+        use crate::config::BusBackend;
+        use crate::testing::{BusEnv, shutdown};
+        let env = BusEnv::new(BusBackend::Embedded).await.expect("an embedded bus");
+        let registry = Registry::new();
+        let (em, task) = AuditEmitter::start(env.bus.clone(), env.auth(), 64, &registry, shutdown());
+        em.emit_packed("test", None, packed_ti(0, 0)).unwrap();
+        em.emit_packed("test", None, packed_ti(0, 1)).unwrap();
+        drop(em);
         tokio::time::timeout(Duration::from_secs(10), task)
             .await
             .expect("the publisher ends")
