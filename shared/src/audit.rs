@@ -45,6 +45,11 @@ const IDLE: Duration = Duration::from_millis(20);
 /// The most events in one published batch.
 const BATCH_MAX: usize = 1024;
 
+/// The most events a thread's ring of packed records holds (see [`Rings`]); the publisher
+/// takes them into its backlog of up to the emitter's capacity every [`LINGER`]. 4,096 slots
+/// are ~1.8 MB per emitting thread, and well over 100 ms of one thread's requests.
+const RING_MAX: usize = 4096;
+
 /// Kind of a bus message that carries several audit events.
 pub const BATCH_KIND: &str = "audit.batch";
 
@@ -404,8 +409,10 @@ fn batch_envelope(items: &[Pending]) -> Envelope {
 /// pushing one is a copy into memory only that thread writes and one plain store, where the
 /// queue took three atomic read-modify-writes per event (its semaphore, the slot's ready bit,
 /// the receiver's waker), each of which waits for the slot's just-written bytes to leave the
-/// store buffer. Each ring holds up to the emitter's capacity; the publisher takes what the rings
-/// hold whenever it takes from the queue.
+/// store buffer. Each ring holds up to [`RING_MAX`] events (fewer when the emitter's capacity
+/// is smaller); the publisher moves what the rings hold into its backlog of up to the capacity
+/// every [`LINGER`], also while the bus is slow or refusing, and batches from there. When the
+/// backlog is full, the rings fill, and pushes are refused.
 ///
 /// Order: events from one thread stay in order; events the same task emitted from two threads
 /// (a task that moved between them) may be published in either order (their times tell). Only
@@ -510,18 +517,19 @@ impl Rings {
         self.consumers().iter().map(|c| c.slots()).sum()
     }
 
-    /// Move up to `max` events in all into `batch`; rings whose thread has ended go once empty.
+    /// Move up to `max` events in all into `into`; rings whose thread has ended go once empty.
     /// Returns how many were moved.
-    fn take(&self, batch: &mut Vec<Pending>, max: usize) -> usize {
-        let before = batch.len();
+    fn take(&self, into: &mut std::collections::VecDeque<Pending>, max: usize) -> usize {
+        let mut taken = 0;
         self.consumers().retain_mut(|c| {
-            let n = c.slots().min(max.saturating_sub(batch.len()));
+            let n = c.slots().min(max - taken);
             if let Ok(chunk) = c.read_chunk(n) {
-                batch.extend(chunk);
+                into.extend(chunk);
+                taken += n;
             }
             !(c.is_abandoned() && c.is_empty())
         });
-        batch.len() - before
+        taken
     }
 
     /// Refuse pushes from now on.
@@ -549,6 +557,7 @@ struct Depth {
     /// Weak: the registry must not keep the queue open.
     tx: mpsc::WeakSender<Pending>,
     rings: Weak<Rings>,
+    backlog: Arc<AtomicUsize>,
     in_flight: Arc<AtomicUsize>,
 }
 
@@ -560,8 +569,8 @@ impl Collector for Depth {
     fn collect(&self) -> Vec<MetricFamily> {
         let queued = self.tx.upgrade().map_or(0, |tx| tx.max_capacity() - tx.capacity());
         let ringed = self.rings.upgrade().map_or(0, |r| r.len());
-        self.gauge
-            .set((queued + ringed + self.in_flight.load(Ordering::Relaxed)) as i64);
+        let held = self.backlog.load(Ordering::Relaxed) + self.in_flight.load(Ordering::Relaxed);
+        self.gauge.set((queued + ringed + held) as i64);
         self.gauge.collect()
     }
 }
@@ -577,8 +586,8 @@ pub struct AuditEmitter {
 }
 
 impl AuditEmitter {
-    /// Start the publisher task. `capacity` bounds the queue, and each thread's ring of packed
-    /// records.
+    /// Start the publisher task. `capacity` bounds the queue, and the publisher's backlog of
+    /// packed records (each thread's ring holds up to [`RING_MAX`] more).
     pub fn start(
         bus: Arc<dyn Bus>,
         auth: BusAuth,
@@ -588,7 +597,7 @@ impl AuditEmitter {
     ) -> (AuditEmitter, tokio::task::JoinHandle<()>) {
         let capacity = capacity.max(16);
         let (tx, rx) = mpsc::channel(capacity);
-        let rings = Arc::new(Rings::new(capacity));
+        let rings = Arc::new(Rings::new(capacity.min(RING_MAX)));
         let depth = IntGauge::with_opts(
             Opts::new("audit_buffer_depth", "Audit events waiting to be published").namespace(NAMESPACE),
         )
@@ -596,7 +605,7 @@ impl AuditEmitter {
         let cap = IntGauge::with_opts(
             Opts::new(
                 "audit_buffer_capacity",
-                "Capacity of the audit buffer (the queue, and each thread's ring of packed records)",
+                "Capacity of the audit buffer (the queue, and the backlog of packed records)",
             )
             .namespace(NAMESPACE),
         )
@@ -612,10 +621,12 @@ impl AuditEmitter {
         )
         .expect("valid metric");
         let in_flight = Arc::new(AtomicUsize::new(0));
+        let backlog_len = Arc::new(AtomicUsize::new(0));
         let _ = registry.register(Box::new(Depth {
             gauge: depth,
             tx: tx.downgrade(),
             rings: Arc::downgrade(&rings),
+            backlog: backlog_len.clone(),
             in_flight: in_flight.clone(),
         }));
         let _ = registry.register(Box::new(cap));
@@ -631,6 +642,9 @@ impl AuditEmitter {
             bus,
             auth,
             rings,
+            backlog: std::collections::VecDeque::new(),
+            backlog_len,
+            capacity,
             in_flight,
             queued,
             published: events.with_label_values(&["published"]),
@@ -708,20 +722,25 @@ struct Publisher {
     bus: Arc<dyn Bus>,
     auth: BusAuth,
     rings: Arc<Rings>,
+    /// Events taken from the rings, waiting for a batch: up to `capacity` (the rings are small,
+    /// and are read every [`LINGER`] even while the bus refuses).
+    backlog: std::collections::VecDeque<Pending>,
+    backlog_len: Arc<AtomicUsize>,
+    capacity: usize,
     in_flight: Arc<AtomicUsize>,
     queued: IntCounter,
     published: IntCounter,
 }
 
 impl Publisher {
-    async fn run(self, mut rx: mpsc::Receiver<Pending>, shutdown: Shutdown) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Pending>, shutdown: Shutdown) {
         let _close = CloseRings(self.rings.clone());
         let mut batch: Vec<Pending> = Vec::with_capacity(BATCH_MAX);
         // The queue has ended: stopped, or every emitter dropped (nothing new can come then,
-        // but what the rings hold is still published).
+        // but what the rings and the backlog hold is still published).
         let mut ended = false;
         loop {
-            if !ended && self.rings.is_empty() {
+            if !ended && self.backlog.is_empty() && self.rings.is_empty() {
                 tokio::select! {
                     e = rx.recv() => match e {
                         Some(e) => batch.push(e),
@@ -752,8 +771,10 @@ impl Publisher {
                 // Closed and empty: `recv` says so at once.
                 ended = rx.recv().await.is_none();
             }
-            let ringed = self.rings.take(&mut batch, BATCH_MAX);
-            self.queued.inc_by(ringed as u64);
+            self.fill_backlog();
+            let room = BATCH_MAX - batch.len();
+            batch.extend(self.backlog.drain(..room.min(self.backlog.len())));
+            self.backlog_len.store(self.backlog.len(), Ordering::Relaxed);
             if batch.is_empty() {
                 if ended {
                     break;
@@ -764,15 +785,39 @@ impl Publisher {
         }
     }
 
+    /// Move what the rings hold into the backlog, up to the capacity (beyond it the rings
+    /// fill, and refuse).
+    fn fill_backlog(&mut self) {
+        let room = self.capacity.saturating_sub(self.backlog.len());
+        if room > 0 {
+            let n = self.rings.take(&mut self.backlog, room);
+            self.queued.inc_by(n as u64);
+            self.backlog_len.store(self.backlog.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// `f`, taking what the rings hold into the backlog every [`LINGER`] while it runs (a
+    /// publish the bus is slow to take, or refuses, must not leave each thread only its ring).
+    async fn draining<F: Future>(&mut self, f: F) -> F::Output {
+        let mut f = std::pin::pin!(f);
+        loop {
+            tokio::select! {
+                out = &mut f => return out,
+                () = tokio::time::sleep(LINGER) => self.fill_backlog(),
+            }
+        }
+    }
+
     /// Publish `batch` as one message (retrying until the bus takes it), and empty it.
-    async fn publish(&self, batch: &mut Vec<Pending>, shutdown: &Shutdown) {
+    async fn publish(&mut self, batch: &mut Vec<Pending>, shutdown: &Shutdown) {
         let n = batch.len();
         self.in_flight.store(n, Ordering::Relaxed);
         let payload = self.auth.sign(batch_envelope(batch)).to_bytes();
         batch.clear();
         let mut backoff = Duration::from_millis(20);
         loop {
-            match self.bus.publish(streams::AUDIT, payload.clone()).await {
+            let bus = self.bus.clone();
+            match self.draining(bus.publish(streams::AUDIT, payload.clone())).await {
                 Ok(_) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, events = n, "audit publish failed; retrying");
@@ -780,7 +825,7 @@ impl Publisher {
                         tracing::error!(events = n, "giving up on audit events at shutdown");
                         break;
                     }
-                    tokio::time::sleep(backoff).await;
+                    self.draining(tokio::time::sleep(backoff)).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
@@ -1208,7 +1253,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_ring_refuses_packed_events_until_the_bus_takes_them_and_a_stop_flushes_then_refuses() {
+    async fn full_rings_refuse_packed_events_until_the_bus_takes_them_and_a_stop_flushes_then_refuses() {
         use crate::testing::eventually;
         let (env, faulty, registry, sd, em, task) = on_a_failing_bus().await;
         // The bus refuses: the publisher holds the batch it took, and this thread's ring fills.
@@ -1221,36 +1266,52 @@ mod tests {
             .await
         );
         let mut accepted = 1;
-        let refusal = loop {
-            match em.emit_packed("test", None, packed_ti(0, accepted)) {
-                Ok(()) => accepted += 1,
+        let fill = |accepted: &mut u32| loop {
+            match em.emit_packed("test", None, packed_ti(0, *accepted)) {
+                Ok(()) => *accepted += 1,
                 Err(e) => break e,
             }
-            assert!(accepted <= 16 + 1, "a ring holds at most its capacity");
+            assert!(
+                *accepted <= 1 + 16 + 16,
+                "the rings and the backlog hold at most their capacity"
+            );
         };
+        // (This test's runtime has one thread: the publisher does not run while it fills.)
+        let refusal = fill(&mut accepted);
         assert_eq!(refusal.code, ErrorCode::AuditUnavailable);
         assert_eq!(accepted, 17, "the one being retried and a full ring");
         assert!(!em.has_room());
+        // While it retries, the publisher takes the ring's events into its backlog.
+        assert!(eventually(Duration::from_secs(5), || async { em.rings.is_empty() }).await);
+        assert!(em.has_room());
         assert_eq!(depth(), 17.0);
+        fill(&mut accepted);
+        assert_eq!(accepted, 33, "and the ring again, once the backlog is full");
+        assert!(
+            !eventually(Duration::from_millis(100), || async { em.rings.is_empty() }).await,
+            "a full backlog takes nothing more"
+        );
+        assert!(!em.has_room());
+        assert_eq!(depth(), 33.0);
         // The queue is another thing: it still takes events.
         em.emit("test", None, &serde_json::json!({ "t": 1, "i": 0 })).unwrap();
         // The bus is back: everything accepted is published, and events are taken again.
         faulty.fail_after(-1);
-        assert!(eventually(Duration::from_secs(10), || async { on_the_bus(&env).await.len() == 18 }).await);
+        assert!(eventually(Duration::from_secs(10), || async { on_the_bus(&env).await.len() == 34 }).await);
         assert!(em.has_room());
-        em.emit_packed("test", None, packed_ti(0, 17)).unwrap();
+        assert_eq!(depth(), 0.0);
+        em.emit_packed("test", None, packed_ti(0, 33)).unwrap();
         // A stop publishes what is left and refuses what comes after.
         sd.trigger();
         task.await.unwrap();
-        let mut ring: Vec<i64> = on_the_bus(&env)
+        let ring: Vec<i64> = on_the_bus(&env)
             .await
             .iter()
             .filter(|e| e.body["t"] == 0)
             .map(|e| e.body["i"].as_i64().unwrap())
             .collect();
-        ring.sort_unstable();
-        assert_eq!(ring, (0..18).collect::<Vec<_>>());
-        let late = em.emit_packed("test", None, packed_ti(0, 18)).unwrap_err();
+        assert_eq!(ring, (0..34).collect::<Vec<_>>(), "each once, in the thread's order");
+        let late = em.emit_packed("test", None, packed_ti(0, 34)).unwrap_err();
         assert_eq!(late.code, ErrorCode::AuditUnavailable);
         assert!(!em.has_room());
         env.cleanup().await;
