@@ -498,14 +498,16 @@ impl Rings {
     /// Whether this thread's ring has room (a thread that has none yet has).
     fn has_room(&self) -> bool {
         !self.closed.load(Ordering::Acquire)
-            && RINGS.with(|rings| {
-                rings.try_borrow().is_ok_and(|rings| {
-                    rings
-                        .iter()
-                        .find(|(id, _)| *id == self.id)
-                        .is_none_or(|(_, r)| !r.is_full())
+            && RINGS
+                .try_with(|rings| {
+                    rings.try_borrow().is_ok_and(|rings| {
+                        rings
+                            .iter()
+                            .find(|(id, _)| *id == self.id)
+                            .is_none_or(|(_, r)| !r.is_full())
+                    })
                 })
-            })
+                .unwrap_or(false)
     }
 
     fn is_empty(&self) -> bool {
@@ -549,8 +551,8 @@ impl Drop for CloseRings {
     }
 }
 
-/// `audit_buffer_depth`, read when scraped: the events in the queue and the rings plus those of
-/// the batch being published. Nothing on the emitting path updates it (a gauge both the emitting
+/// `audit_buffer_depth`, read when scraped: the events in the queue, the rings and the
+/// publisher's backlog plus those of the batch being published. Nothing on the emitting path updates it (a gauge both the emitting
 /// threads and the publisher wrote moved one cache line between cores on every event).
 struct Depth {
     gauge: IntGauge,
