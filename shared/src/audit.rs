@@ -1060,21 +1060,30 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn events_from_many_threads_are_published_once_each_in_each_threads_order() {
+    /// Four threads emit 1,500 events `{"t": thread, "i": n}` each (several batches' worth)
+    /// through `emit` and end; every event is published once, with its own id, in its thread's
+    /// order. Returns the emitter, still running, for further checks.
+    async fn from_four_threads(
+        emit: fn(&AuditEmitter, u8, u32) -> Result<()>,
+    ) -> (
+        crate::testing::BusEnv,
+        Registry,
+        Shutdown,
+        AuditEmitter,
+        tokio::task::JoinHandle<()>,
+    ) {
         use crate::config::BusBackend;
         use crate::testing::{BusEnv, eventually, shutdown};
         let env = BusEnv::new(BusBackend::Embedded).await.expect("an embedded bus");
         let registry = Registry::new();
         let sd = shutdown();
         let (em, task) = AuditEmitter::start(env.bus.clone(), env.auth(), 8192, &registry, sd.clone());
-        // Four threads, 1,500 events each: several batches' worth.
-        let threads: Vec<_> = (0..4)
+        let threads: Vec<_> = (0..4u8)
             .map(|t| {
                 let em = em.clone();
                 std::thread::spawn(move || {
                     for i in 0..1500 {
-                        em.emit("test", None, &serde_json::json!({ "t": t, "i": i })).unwrap();
+                        emit(&em, t, i).unwrap();
                     }
                 })
             })
@@ -1103,6 +1112,13 @@ mod tests {
         }
         let ids: std::collections::HashSet<_> = events.iter().map(|e| e.id).collect();
         assert_eq!(ids.len(), 6000, "every event has its own id");
+        (env, registry, sd, em, task)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_from_many_threads_are_published_once_each_in_each_threads_order() {
+        let (env, _, sd, _em, task) =
+            from_four_threads(|em, t, i| em.emit("test", None, &serde_json::json!({ "t": t, "i": i }))).await;
         sd.trigger();
         task.await.unwrap();
         env.cleanup().await;
@@ -1155,7 +1171,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_publisher_ends_after_flushing_when_the_last_emitter_is_dropped() {
+    async fn the_publisher_ends_after_flushing_the_queue_and_the_rings_when_the_last_emitter_is_dropped() {
         use crate::config::BusBackend;
         use crate::testing::{BusEnv, shutdown};
         let env = BusEnv::new(BusBackend::Embedded).await.expect("an embedded bus");
@@ -1163,14 +1179,22 @@ mod tests {
         let (em, task) = AuditEmitter::start(env.bus.clone(), env.auth(), 64, &registry, shutdown());
         let other = em.clone();
         em.emit("test", None, &serde_json::json!({ "i": 0 })).unwrap();
+        em.emit_packed("test", None, packed_ti(0, 1)).unwrap();
         drop(em);
-        other.emit("test", None, &serde_json::json!({ "i": 1 })).unwrap();
+        other.emit("test", None, &serde_json::json!({ "i": 2 })).unwrap();
+        other.emit_packed("test", None, packed_ti(0, 3)).unwrap();
         drop(other);
         tokio::time::timeout(Duration::from_secs(10), task)
             .await
             .expect("the publisher ends")
             .unwrap();
-        assert_eq!(on_the_bus(&env).await.len(), 2);
+        let mut published: Vec<i64> = on_the_bus(&env)
+            .await
+            .iter()
+            .map(|e| e.body["i"].as_i64().unwrap())
+            .collect();
+        published.sort_unstable();
+        assert_eq!(published, [0, 1, 2, 3], "the queue's and the ring's, each once");
         env.cleanup().await;
     }
 
@@ -1189,48 +1213,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn packed_events_from_many_threads_are_published_once_each_in_each_threads_order() {
-        use crate::config::BusBackend;
-        use crate::testing::{BusEnv, eventually, shutdown};
-        let env = BusEnv::new(BusBackend::Embedded).await.expect("an embedded bus");
-        let registry = Registry::new();
-        let sd = shutdown();
-        let (em, task) = AuditEmitter::start(env.bus.clone(), env.auth(), 8192, &registry, sd.clone());
-        // Four threads, 1,500 events each, and every thread ends (its ring is read to its end,
-        // then dropped).
-        let threads: Vec<_> = (0..4u8)
-            .map(|t| {
-                let em = em.clone();
-                std::thread::spawn(move || {
-                    for i in 0..1500 {
-                        em.emit_packed("test", None, packed_ti(t, i)).unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        assert!(
-            eventually(Duration::from_secs(20), || async {
-                on_the_bus(&env).await.len() >= 6000
-            })
-            .await,
-            "every event published"
-        );
-        let events = on_the_bus(&env).await;
-        assert_eq!(events.len(), 6000, "nothing twice");
-        let mut next = [0i64; 4];
-        for e in &events {
-            let t = e.body["t"].as_u64().unwrap() as usize;
-            assert_eq!(
-                e.body["i"].as_i64().unwrap(),
-                next[t],
-                "thread {t}'s events in its order"
-            );
-            next[t] += 1;
-        }
-        let ids: std::collections::HashSet<_> = events.iter().map(|e| e.id).collect();
-        assert_eq!(ids.len(), 6000, "every event has its own id");
+        use crate::testing::eventually;
+        let (env, registry, sd, em, task) =
+            from_four_threads(|em, t, i| em.emit_packed("test", None, packed_ti(t, i))).await;
         assert!(
             eventually(Duration::from_secs(5), || async { em.rings.consumers().is_empty() }).await,
             "the rings of threads that ended are dropped once read"
@@ -1316,24 +1301,6 @@ mod tests {
         let late = em.emit_packed("test", None, packed_ti(0, 34)).unwrap_err();
         assert_eq!(late.code, ErrorCode::AuditUnavailable);
         assert!(!em.has_room());
-        env.cleanup().await;
-    }
-
-    #[tokio::test]
-    async fn packed_events_are_flushed_when_the_last_emitter_is_dropped() {
-        use crate::config::BusBackend;
-        use crate::testing::{BusEnv, shutdown};
-        let env = BusEnv::new(BusBackend::Embedded).await.expect("an embedded bus");
-        let registry = Registry::new();
-        let (em, task) = AuditEmitter::start(env.bus.clone(), env.auth(), 64, &registry, shutdown());
-        em.emit_packed("test", None, packed_ti(0, 0)).unwrap();
-        em.emit_packed("test", None, packed_ti(0, 1)).unwrap();
-        drop(em);
-        tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .expect("the publisher ends")
-            .unwrap();
-        assert_eq!(on_the_bus(&env).await.len(), 2);
         env.cleanup().await;
     }
 
