@@ -407,9 +407,9 @@ fn batch_envelope(items: &[Pending]) -> Envelope {
 
 /// Packed records wait in rings, one per thread that emits them, instead of the shared queue:
 /// pushing one is a copy into memory only that thread writes and one plain store, where the
-/// queue took three atomic read-modify-writes per event (its semaphore, the slot's ready bit,
-/// the receiver's waker), each of which waits for the slot's just-written bytes to leave the
-/// store buffer. Each ring holds up to [`RING_MAX`] events (fewer when the emitter's capacity
+/// queue took four atomic read-modify-writes per event (its semaphore, its tail index, the
+/// slot's ready bit, the receiver's waker), the last two after the slot is written (on x86 a
+/// locked instruction first waits for the slot's bytes to leave the store buffer). Each ring holds up to [`RING_MAX`] events (fewer when the emitter's capacity
 /// is smaller); the publisher moves what the rings hold into its backlog of up to the capacity
 /// every [`LINGER`], also while the bus is slow or refusing, and batches from there. When the
 /// backlog is full, the rings fill, and pushes are refused.
@@ -552,8 +552,9 @@ impl Drop for CloseRings {
 }
 
 /// `audit_buffer_depth`, read when scraped: the events in the queue, the rings and the
-/// publisher's backlog plus those of the batch being published. Nothing on the emitting path updates it (a gauge both the emitting
-/// threads and the publisher wrote moved one cache line between cores on every event).
+/// publisher's backlog plus those of the batch being published. Nothing on the emitting path
+/// updates it (a gauge both the emitting threads and the publisher wrote moved one cache line
+/// between cores on every event).
 struct Depth {
     gauge: IntGauge,
     /// Weak: the registry must not keep the queue open.
